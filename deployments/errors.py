@@ -1,0 +1,54 @@
+"""One error hierarchy for the service; the router maps it to HTTP in one place.
+
+Messages are written for the client: they say what was wrong and how to fix it, and never
+carry a stack trace or another library's exception text.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error the service reports to a client."""
+
+    status_code = 500
+    error_type = "internal_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        # Positional args only: Ray pickles exceptions across processes by their args.
+        super().__init__(message, param)
+        self.message = message
+        self.param = param
+
+
+class BadRequestError(ServiceError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ContextLengthError(BadRequestError):
+    code = "context_length_exceeded"
+
+
+class UnsupportedParameterError(BadRequestError):
+    code = "unsupported_parameter"
+
+
+class ModelNotFoundError(ServiceError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class OverloadedError(ServiceError):
+    """No capacity now; the client should retry after `retry_after` seconds."""
+
+    status_code = 503
+    error_type = "overloaded_error"
+    code = "overloaded"
+    retry_after = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be found, built or loaded. Raised at start-up, not per request."""

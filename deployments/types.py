@@ -1,0 +1,79 @@
+"""Plain types that cross the router -> replica boundary (Ray pickles them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass
+class Video:
+    """Decoded, already-sampled video frames with the metadata the processor needs."""
+
+    frames: np.ndarray  # (num_frames, height, width, 3), uint8 RGB
+    fps: float  # of the source video
+    duration: float  # seconds, of the source video
+    frame_indices: list[int]  # indices of `frames` in the source video
+    total_num_frames: int
+
+
+# One part of a message's content: text, an image or a video.
+ContentPart = str | Image.Image | Video
+
+
+@dataclass
+class ChatMessage:
+    role: Literal["system", "user", "assistant"]
+    content: list[ContentPart]
+
+
+@dataclass
+class SamplingParams:
+    """Decoding parameters. None means: the checkpoint's generation_config default."""
+
+    max_tokens: int = 512
+    temperature: float | None = None  # 0 = greedy
+    top_p: float | None = None
+    top_k: int | None = None  # 0 = off
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    # Suppresses end-of-sequence for this many tokens: benchmarks and tests ask for exact lengths.
+    min_tokens: int = 0
+
+
+@dataclass
+class GenerationRequest:
+    messages: list[ChatMessage]
+    enable_thinking: bool
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Chunk:
+    """One piece of a generation stream.
+
+    Every chunk but the last carries text: `reasoning` (inside `<think>...</think>`) and/or
+    `content` (the answer). The last chunk of every stream carries `finish_reason` and `usage`.
+    """
+
+    reasoning: str = ""
+    content: str = ""
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None

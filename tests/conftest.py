@@ -1,0 +1,19 @@
+"""Shared fixtures: the built-in tiny checkpoints, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports the presets module or starts Ray, so Ray workers inherit it.
+os.environ.setdefault("MINICPM_PRESET_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "presets"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints() -> dict[str, Path]:
+    """Directories of the `tiny` preset for both variants (built on first use, then cached)."""
+    from deployments.presets import ensure_preset
+
+    return {variant: ensure_preset("tiny", variant) for variant in ("instruct", "thinking")}
