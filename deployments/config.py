@@ -39,3 +39,78 @@ class ModelConfig(BaseModel):
     @property
     def name(self) -> str:
         return self.served_name or ("MiniCPM-V-4.6-Thinking" if self.variant == "thinking" else "MiniCPM-V-4.6")
+
+
+class DeploymentOptions(BaseModel):
+    """Ray Serve options of one deployment (see Ray Serve's deployment config reference)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int | None = Field(
+        default=None, ge=1, description="Fixed replica count. Leave unset to use autoscaling_config."
+    )
+    autoscaling_config: dict | None = Field(
+        default=None,
+        description="Ray Serve autoscaling: min_replicas, max_replicas, target_ongoing_requests, "
+        "upscale_delay_s, downscale_delay_s, ...",
+    )
+    ray_actor_options: dict = Field(
+        default_factory=dict, description="Resources per replica, e.g. {num_cpus: 1, num_gpus: 1}."
+    )
+    max_ongoing_requests: int = Field(default=8, ge=1, description="Requests one replica works on at once.")
+    max_queued_requests: int = Field(
+        default=64, ge=-1, description="Requests waiting for a replica before new ones get 503 (-1: unbounded)."
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        default=30.0, ge=0, description="How long in-flight streams may finish when a replica stops."
+    )
+    health_check_period_s: float = Field(default=10.0, gt=0)
+    health_check_timeout_s: float = Field(default=30.0, gt=0)
+
+    def serve_options(self) -> dict:
+        """Keyword arguments for `Deployment.options`."""
+        options = self.model_dump(exclude_none=True)
+        if self.num_replicas is None and self.autoscaling_config is None:
+            options["num_replicas"] = 1
+        return options
+
+
+class VariantArgs(BaseModel):
+    """One model deployment: what it loads and how Ray Serve runs it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: dict = Field(default_factory=dict, description="ModelConfig fields (checkpoint, dtype, ...).")
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+
+class RouterArgs(BaseModel):
+    """The ingress deployment: HTTP, validation and routing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_max_tokens: int = Field(default=1024, ge=1, description="max_tokens when a request sends none.")
+    deployment: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512)
+    )
+
+
+class AppArgs(BaseModel):
+    """The `args:` of the application in serve_config.yaml. Leave a variant out to run without it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instruct: VariantArgs | None = Field(default_factory=VariantArgs, description="The instruct model deployment.")
+    thinking: VariantArgs | None = Field(default_factory=VariantArgs, description="The thinking model deployment.")
+    router: RouterArgs = Field(default_factory=RouterArgs)
+
+    def model_configs(self) -> dict[str, ModelConfig]:
+        """ModelConfig of each loaded variant, keyed by variant; raises ValueError if none is."""
+        configs = {
+            variant: ModelConfig(variant=variant, **args.model)
+            for variant, args in (("instruct", self.instruct), ("thinking", self.thinking))
+            if args is not None
+        }
+        if not configs:
+            raise ValueError("At least one of 'instruct' and 'thinking' must be configured")
+        return configs

@@ -1,0 +1,155 @@
+"""OpenAI chat requests -> generation requests, and generation chunks -> OpenAI responses.
+
+Pure functions over the schemas and types: the router calls them, tests call them directly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from deployments.config import ModelConfig
+from deployments.errors import BadRequestError, ModelNotFoundError, ServiceError
+from deployments.schemas import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    DeltaMessage,
+    ImagePart,
+    ResponseMessage,
+    StreamChoice,
+    TextPart,
+    UsageInfo,
+)
+from deployments.types import ChatMessage, Chunk, ContentPart, GenerationRequest, SamplingParams
+
+# Loads the media of one content part: ("image" | "video", url, part index) -> image or Video.
+MediaLoader = Callable[[str, str], Awaitable[ContentPart]]
+
+
+def choose_variant(request: ChatCompletionRequest, variants: dict[str, ModelConfig]) -> tuple[ModelConfig, bool]:
+    """Pick the deployment and the enable_thinking flag for a request.
+
+    One boolean decides: `chat_template_kwargs.enable_thinking` when sent, else whether
+    `model` names the thinking variant. With both variants loaded it also picks the
+    deployment; with one, that one serves both and only enable_thinking flips.
+    Raises ModelNotFoundError for a `model` that names no loaded variant.
+    """
+    named = _named_variant(request.model, variants)
+    kwargs = request.chat_template_kwargs
+    thinking = kwargs.enable_thinking if kwargs and kwargs.enable_thinking is not None else named == "thinking"
+    if len(variants) == 1:
+        return next(iter(variants.values())), thinking
+    return variants["thinking" if thinking else "instruct"], thinking
+
+
+def _named_variant(model: str | None, variants: dict[str, ModelConfig]) -> str | None:
+    if model is None:
+        return None
+    for variant, config in variants.items():
+        if model in (variant, config.name):
+            return variant
+    # A name of the other, unloaded variant is still a known model in single-variant mode.
+    for variant in ("instruct", "thinking"):
+        if model in (variant, ModelConfig(variant=variant).name):
+            return variant
+    names = ", ".join(sorted({c.name for c in variants.values()} | set(variants)))
+    raise ModelNotFoundError(f"The model '{model}' does not exist. Available: {names}", param="model")
+
+
+async def to_generation_request(
+    request: ChatCompletionRequest, enable_thinking: bool, request_id: str, default_max_tokens: int,
+    load_media: MediaLoader,
+) -> GenerationRequest:
+    """Convert an OpenAI request (already validated by pydantic) into the replica's request."""
+    request.check_supported()
+    messages = [
+        ChatMessage(role="system" if m.role == "developer" else m.role, content=await _content(m.content, load_media))
+        for m in request.messages
+    ]
+    if messages[-1].role == "assistant":
+        raise BadRequestError("The last message must not be an assistant message", param="messages")
+    sampling = SamplingParams(
+        max_tokens=request.requested_max_tokens or default_max_tokens,
+        temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+        repetition_penalty=request.repetition_penalty, seed=request.seed, stop=list(request.stop or []),
+        min_tokens=request.min_tokens,
+    )
+    if sampling.min_tokens > sampling.max_tokens:
+        raise BadRequestError("min_tokens must not exceed max_tokens", param="min_tokens")
+    return GenerationRequest(messages=messages, enable_thinking=enable_thinking, sampling=sampling,
+                             request_id=request_id)
+
+
+async def _content(content, load_media: MediaLoader) -> list[ContentPart]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [content]
+    parts: list[ContentPart] = []
+    for part in content:
+        if isinstance(part, TextPart):
+            parts.append(part.text)
+        elif isinstance(part, ImagePart):
+            parts.append(await load_media("image", part.image_url.url))
+        else:
+            parts.append(await load_media("video", part.video_url.url))
+    return parts
+
+
+def sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+def error_event(error: ServiceError | None, request_id: str) -> str:
+    """The SSE event for an error after the stream started (the status is already 200)."""
+    message = error.message if error else f"Internal error while generating (request id {request_id})"
+    body = {"error": {"message": message, "type": error.error_type if error else "internal_error",
+                      "code": error.code if error else "internal_error", "param": None, "request_id": request_id}}
+    return sse(json.dumps(body))
+
+
+class CompletionStream:
+    """Renders one request's chunks as OpenAI stream events (role first, finish, usage)."""
+
+    def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
+        self.request_id, self.model, self.include_usage = request_id, model, include_usage
+        self.created = int(time.time())
+        self._sent_role = False
+
+    def events(self, chunk: Chunk) -> list[str]:
+        """SSE lines for one chunk; the final chunk adds finish_reason and (if asked) usage."""
+        events = []
+        if chunk.reasoning or chunk.content or not self._sent_role:
+            delta = DeltaMessage(content=chunk.content or None, reasoning_content=chunk.reasoning or None)
+            if not self._sent_role:
+                delta.role, delta.content, self._sent_role = "assistant", chunk.content, True
+            events.append(self._event([StreamChoice(delta=delta)]))
+        if chunk.finish_reason:
+            events.append(self._event([StreamChoice(delta=DeltaMessage(), finish_reason=chunk.finish_reason)]))
+            if self.include_usage and chunk.usage:
+                events.append(self._event([], usage=UsageInfo.of(chunk.usage)))
+        return events
+
+    def _event(self, choices: list[StreamChoice], usage: UsageInfo | None = None) -> str:
+        chunk = ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model, choices=choices,
+                                    usage=usage)
+        return sse(chunk.model_dump_json(exclude_none=True))
+
+
+async def collect(chunks: AsyncIterator[Chunk], request_id: str, model: str) -> ChatCompletion:
+    """Drain a stream into one non-streaming response."""
+    reasoning, content, final = [], [], None
+    async for chunk in chunks:
+        reasoning.append(chunk.reasoning)
+        content.append(chunk.content)
+        final = chunk if chunk.finish_reason else final
+    if final is None or final.usage is None:
+        raise ServiceError("The model stream ended without a final chunk")
+    message = ResponseMessage(content="".join(content), reasoning_content="".join(reasoning) or None)
+    return ChatCompletion(
+        id=request_id, created=int(time.time()), model=model,
+        choices=[Choice(message=message, finish_reason=final.finish_reason)], usage=UsageInfo.of(final.usage),
+    )

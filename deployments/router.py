@@ -1,0 +1,170 @@
+"""The ingress deployment: HTTP only. Validates, picks the variant, streams the answer back."""
+
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments import media
+from deployments.config import ModelConfig, RouterArgs
+from deployments.errors import BadRequestError, OverloadedError, ServiceError
+from deployments.protocol import CompletionStream, choose_variant, collect, error_event, to_generation_request
+from deployments.schemas import ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+
+logger = logging.getLogger("ray.serve")
+
+app = FastAPI(title="MiniCPM-V 4.6 on Ray Serve", version="1.0")
+
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def _first(chunks: DeploymentResponseGenerator):
+    """Await the first chunk so errors before any token still choose the HTTP status."""
+    try:
+        return await chunks.__anext__()
+    except (BackPressureError, DeploymentUnavailableError) as exc:
+        raise OverloadedError("The model is at capacity; retry shortly") from exc
+    except StopAsyncIteration:
+        raise ServiceError("The model stream ended before producing anything") from None
+    except Exception as exc:
+        raise _unwrap(exc) from exc
+
+
+async def _prepend(first, chunks: DeploymentResponseGenerator) -> AsyncIterator:
+    yield first
+    async for chunk in chunks:
+        yield chunk
+
+
+async def _sse(first, chunks: DeploymentResponseGenerator, stream: CompletionStream) -> AsyncIterator[str]:
+    """SSE lines; errors after the 200 travel in the stream; `[DONE]` ends it exactly once."""
+    try:
+        async for chunk in _prepend(first, chunks):
+            for event in stream.events(chunk):
+                yield event
+    except Exception as exc:
+        error = _unwrap(exc)
+        logger.exception("Request %s failed mid-stream", stream.request_id)
+        yield error_event(error if type(error) is not ServiceError else None, stream.request_id)
+    finally:
+        # Client gone (CancelledError) or done: make sure the replica stops generating.
+        chunks.cancel()
+    yield "data: [DONE]\n\n"
+
+
+def _unwrap(exc: BaseException) -> ServiceError:
+    """The ServiceError behind an exception (Ray wraps replica errors), else a generic one."""
+    for candidate in (exc, getattr(exc, "cause", None)):
+        if isinstance(candidate, ServiceError):
+            return candidate
+    return ServiceError("Internal error")
+
+
+# ---- one place maps every error to a status and the OpenAI error shape ----
+
+class RequestIdMiddleware:
+    """Puts the request id in `request.state`: the client's X-Request-Id if sane, else a new one.
+
+    Serve's proxy already fills X-Request-Id (echoing the client's) and returns it, so the
+    header is only added here when it was missing. Pure ASGI rather than `@app.middleware`,
+    which would buffer streams and hide disconnects.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _SAFE_ID.fullmatch(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start" and not incoming:
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+app.add_middleware(RequestIdMiddleware)
+
+
+def _error_response(request: Request, status: int, message: str, type_: str, code: str | None,
+                    param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    body = ErrorResponse.of(message, type_, code, param, getattr(request.state, "request_id", None))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+@app.exception_handler(ServiceError)
+async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    message = exc.message
+    if type(exc) is ServiceError:  # unexpected: never echo internals to the client
+        message = f"Internal error (request id {getattr(request.state, 'request_id', None)})"
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverloadedError) else None
+    return _error_response(request, exc.status_code, message, exc.error_type, exc.code, exc.param, headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+    if first["type"] == "json_invalid":
+        return await _service_error(request, BadRequestError("The request body is not valid JSON"))
+    param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
+    return await _service_error(request, BadRequestError(f"{param or 'body'}: {first['msg']}", param=param))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error_response(request, exc.status_code, str(exc.detail), "invalid_request_error",
+                           f"http_{exc.status_code}", headers=exc.headers)
+
+
+@app.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("Unhandled error in request %s", getattr(request.state, "request_id", None))
+    return await _service_error(request, _unwrap(exc))
+
+
+# Defined last: serve.ingress captures the app with its middleware and handlers as they are now.
+@serve.deployment
+@serve.ingress(app)
+class Router:
+    def __init__(self, variants: dict[str, ModelConfig], handles: dict[str, DeploymentHandle], args: RouterArgs):
+        self._variants = variants
+        self._handles = {variant: handle.options(stream=True) for variant, handle in handles.items()}
+        self._args = args
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        """Liveness of the router; touches no model."""
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=config.name) for config in self._variants.values()])
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        request_id = request.state.request_id
+        config, thinking = choose_variant(body, self._variants)
+        generation_request = await to_generation_request(
+            body, thinking, request_id, self._args.default_max_tokens, media.load
+        )
+        chunks = self._handles[config.variant].stream.remote(generation_request)
+        first = await _first(chunks)
+        if not body.stream:
+            return await collect(_prepend(first, chunks), request_id, config.name)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _sse(first, chunks, CompletionStream(request_id, config.name, include_usage))
+        return StreamingResponse(events, media_type="text/event-stream", headers=STREAM_HEADERS)

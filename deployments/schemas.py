@@ -1,0 +1,200 @@
+"""The OpenAI chat-completions wire format: requests in, responses and stream chunks out."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from deployments.errors import UnsupportedParameterError
+from deployments.types import FinishReason, Usage
+
+
+class _Strict(BaseModel):
+    # Unknown fields are refused (400), never silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class MediaURL(_Strict):
+    url: str = Field(description="A data: URL (base64), an http(s) URL, or a path under the media directory.")
+    detail: Literal["auto", "low", "high"] | None = Field(default=None, description="Accepted and ignored.")
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: MediaURL
+
+
+class VideoPart(_Strict):
+    type: Literal["video_url"]
+    video_url: MediaURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    # Clients (the OpenAI SDK, the web page) send back what they received; it is not re-fed
+    # to the model, as the chat templates drop earlier reasoning anyway.
+    reasoning_content: str | None = None
+
+
+class ChatTemplateKwargs(_Strict):
+    enable_thinking: bool | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+# Parameters of the OpenAI API this service does not implement: refused with a 400 naming them
+# unless sent with their neutral value.
+_UNSUPPORTED = {
+    "tools": None, "tool_choice": None, "functions": None, "function_call": None, "logprobs": False,
+    "top_logprobs": None, "logit_bias": None, "response_format": None, "parallel_tool_calls": None,
+    "audio": None, "modalities": None, "prediction": None, "web_search_options": None,
+}
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = Field(default=None, description="A served name or alias (instruct / thinking).")
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0, description="0 = off (vLLM extension).")
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1)
+    min_tokens: int = Field(default=0, ge=0, description="Suppress end-of-sequence for this many tokens.")
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        return stops
+
+    def check_supported(self) -> None:
+        """Raise UnsupportedParameterError for a parameter this service would otherwise ignore."""
+        extra = self.model_extra or {}
+        for name, value in extra.items():
+            if name not in _UNSUPPORTED:
+                raise UnsupportedParameterError(f"Unrecognized request argument supplied: {name}", param=name)
+            if value not in (None, _UNSUPPORTED[name]):
+                raise UnsupportedParameterError(f"'{name}' is not supported by this server", param=name)
+        if self.n != 1:
+            raise UnsupportedParameterError("Only n=1 is supported", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise UnsupportedParameterError(
+                    f"'{name}' is not supported; use repetition_penalty instead", param=name
+                )
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "openbmb"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, usage: Usage) -> UsageInfo:
+        return cls(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                   total_tokens=usage.total_tokens)
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+
+
+class StreamChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[StreamChoice]
+    usage: UsageInfo | None = None
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    reasoning_content: str | None = None
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: ResponseMessage
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: UsageInfo
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    code: str | None = None
+    param: str | None = None
+    request_id: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+    @classmethod
+    def of(cls, message: str, type_: str, code: str | None, param: str | None, request_id: str | None) -> Any:
+        return cls(error=ErrorBody(message=message, type=type_, code=code, param=param, request_id=request_id))
