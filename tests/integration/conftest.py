@@ -1,0 +1,65 @@
+"""A real Ray Serve instance running the application on the built-in tiny checkpoints."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+FULL_APP = "minicpm"
+SINGLE_APP = "single"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def app_args(**overrides) -> dict:
+    """AppArgs for tests: one replica per deployment, a small queue so overload is reachable."""
+    variant = {
+        "model": {"checkpoint": "preset:tiny", "torch_threads": 1},
+        "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5},
+                       "max_ongoing_requests": 4, "max_queued_requests": 2},
+    }
+    args = {"instruct": variant, "thinking": variant,
+            "router": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}}}
+    args.update(overrides)
+    return args
+
+
+@pytest.fixture(scope="session")
+def serve_url(tiny_checkpoints) -> Iterator[str]:
+    """Base URL of a Serve instance with two apps: both variants at /, instruct only at /single."""
+    import ray
+    from ray import serve
+
+    from deployments.config import AppArgs
+    from serve_app import build_app
+
+    port = _free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(AppArgs.model_validate(app_args())), name=FULL_APP, route_prefix="/")
+    serve.run(build_app(AppArgs.model_validate(app_args(thinking=None))), name=SINGLE_APP, route_prefix="/single")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def client(serve_url: str) -> Iterator[httpx.Client]:
+    """One keep-alive client for the session (a client per call would dominate latency)."""
+    with httpx.Client(base_url=serve_url, timeout=60) as http:
+        yield http
+
+
+def running_generations(app: str, deployment: str) -> int:
+    """Generation threads alive in the (single) replica of a model deployment."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app_name=app)
+    return handle.running_generations.remote().result()

@@ -1,0 +1,180 @@
+"""The running service over real HTTP: Ray Serve, the router, both model deployments, tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import FULL_APP, SINGLE_APP, running_generations
+
+CHAT = "/v1/chat/completions"
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+def read_sse(response: httpx.Response) -> list[tuple[float, str]]:
+    """(arrival time, data payload) of every SSE event in a streaming response."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            events.append((time.monotonic(), line[len("data: "):]))
+    return events
+
+
+def stream_chat(client: httpx.Client, path: str = CHAT, **body) -> tuple[httpx.Response, list[tuple[float, str]]]:
+    with client.stream("POST", path, json={"messages": HELLO, "stream": True, **body}) as response:
+        return response, read_sse(response) if response.status_code == 200 else []
+
+
+def deltas(events: list[tuple[float, str]]) -> list[dict]:
+    chunks = [json.loads(data) for _, data in events if data != "[DONE]"]
+    return [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+
+
+def test_health_answers_without_a_model(client):
+    assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_models_lists_both_loaded_variants(client):
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert ids == ["MiniCPM-V-4.6", "MiniCPM-V-4.6-Thinking"]
+
+
+def test_tokens_arrive_as_several_chunks_before_the_end(client):
+    response, events = stream_chat(client, model="instruct", max_tokens=24, min_tokens=24)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache"
+    assert response.headers["x-accel-buffering"] == "no"
+    text_events = [t for t, data in events if '"content"' in data or '"reasoning_content"' in data]
+    assert len(text_events) >= 5
+    assert text_events[0] < events[-1][0], "first token must arrive before the stream ends"
+    assert [data for _, data in events].count("[DONE]") == 1
+    assert events[-1][1] == "[DONE]"
+
+
+def test_finish_reason_and_usage_on_request(client):
+    _, events = stream_chat(client, model="instruct", max_tokens=8, min_tokens=8,
+                            stream_options={"include_usage": True})
+    chunks = [json.loads(data) for _, data in events[:-1]]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
+    assert all("usage" not in c for c in chunks[:-1])
+
+
+def test_thinking_goes_to_the_thinking_deployment_with_reasoning(client):
+    _, events = stream_chat(client, model="MiniCPM-V-4.6-Thinking", max_tokens=16, min_tokens=16)
+    assert {json.loads(d)["model"] for _, d in events[:-1]} == {"MiniCPM-V-4.6-Thinking"}
+    assert "".join(d.get("reasoning_content") or "" for d in deltas(events))
+
+
+def test_thinking_off_goes_to_instruct_with_answer_only(client):
+    body = {"model": "MiniCPM-V-4.6-Thinking", "chat_template_kwargs": {"enable_thinking": False},
+            "messages": HELLO, "max_tokens": 16, "min_tokens": 16}
+    answer = client.post(CHAT, json=body).json()
+    assert answer["model"] == "MiniCPM-V-4.6"
+    assert answer["choices"][0]["message"]["reasoning_content"] is None
+    assert answer["choices"][0]["message"]["content"]
+
+
+def test_enable_thinking_overrides_the_model_name(client):
+    body = {"model": "instruct", "chat_template_kwargs": {"enable_thinking": True}, "messages": HELLO,
+            "max_tokens": 4}
+    assert client.post(CHAT, json=body).json()["model"] == "MiniCPM-V-4.6-Thinking"
+
+
+def test_single_variant_serves_both_modes_and_only_flips_enable_thinking(client):
+    def prompt_tokens(thinking: bool) -> tuple[str, int]:
+        body = {"model": "thinking" if thinking else "instruct", "messages": HELLO, "max_tokens": 2}
+        answer = client.post(f"/single{CHAT}", json=body).json()
+        return answer["model"], answer["usage"]["prompt_tokens"]
+
+    (model_on, tokens_on), (model_off, tokens_off) = prompt_tokens(True), prompt_tokens(False)
+    assert model_on == model_off == "MiniCPM-V-4.6"
+    # Thinking off pre-fills an empty <think></think> block: the prompt is longer.
+    assert tokens_off > tokens_on
+
+
+def test_unknown_model_is_404_model_not_found(client):
+    response = client.post(CHAT, json={"model": "gpt-4o", "messages": HELLO})
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user"}], "temperature": 5}, "temperature"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ({"messages": HELLO, "n": 2}, "n"),
+    ({"messages": HELLO, "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": HELLO, "frobnicate": 1}, "frobnicate"),
+    ({"messages": HELLO, "max_tokens": 10**6}, "max_tokens"),
+])
+def test_malformed_or_unsupported_bodies_are_400_with_the_param(client, body, param):
+    response = client.post(CHAT, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_invalid_json_is_400(client):
+    response = client.post(CHAT, content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert "JSON" in response.json()["error"]["message"]
+
+
+def test_request_id_round_trips(client):
+    response = client.post(CHAT, json={"messages": HELLO, "max_tokens": 2}, headers={"X-Request-Id": "req-42"})
+    assert response.headers["x-request-id"] == "req-42"
+    assert response.json()["id"] == "req-42"
+
+
+def test_openai_sdk_streams_and_non_streams_unchanged(serve_url):
+    sdk = openai.OpenAI(base_url=f"{serve_url}/v1", api_key="unused")
+    completion = sdk.chat.completions.create(model="MiniCPM-V-4.6", messages=HELLO, max_tokens=6)
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.usage.completion_tokens <= 6
+    stream = sdk.chat.completions.create(
+        model="MiniCPM-V-4.6-Thinking", messages=HELLO, max_tokens=12, stream=True,
+        stream_options={"include_usage": True}, extra_body={"min_tokens": 12},
+    )
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 12
+    assert any(getattr(c.choices[0].delta, "reasoning_content", None) for c in chunks if c.choices)
+
+
+def test_client_disconnect_stops_generation_on_the_replica(client):
+    with client.stream("POST", CHAT, json={"model": "instruct", "messages": HELLO, "stream": True,
+                                           "max_tokens": 3000, "min_tokens": 3000}) as response:
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert running_generations(FULL_APP, "instruct") == 1
+    deadline = time.monotonic() + 5
+    while running_generations(FULL_APP, "instruct") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running_generations(FULL_APP, "instruct") == 0
+
+
+def test_overload_gives_503_with_retry_after_not_a_broken_200(serve_url):
+    # max_ongoing_requests 4 + max_queued_requests 2 on the single app's replica: 12 at once overflow.
+    body = {"messages": HELLO, "max_tokens": 80, "min_tokens": 80}
+
+    def call(_):
+        with httpx.Client(base_url=serve_url, timeout=60) as http:
+            response = http.post(f"/single{CHAT}", json=body)
+            return response.status_code, response.headers.get("retry-after"), response.text
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(call, range(12)))
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) <= {200, 503}, results
+    assert 503 in statuses and 200 in statuses
+    for status, retry_after, text in results:
+        if status == 503:
+            assert retry_after and json.loads(text)["error"]["type"] == "overloaded_error"
+    assert running_generations(SINGLE_APP, "instruct") == 0
