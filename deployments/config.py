@@ -9,12 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from deployments.presets import Variant
 
 
-class ModelConfig(BaseModel):
-    """What one model deployment loads and how it generates."""
+class ModelSettings(BaseModel):
+    """What one model deployment loads and how it generates (the `model:` block of a variant)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    variant: Variant = Field(description="Which variant this deployment serves: 'instruct' or 'thinking'.")
     checkpoint: str = Field(
         default="preset:tiny",
         description="A local checkpoint directory, a hub id (needs network), or 'preset:<tiny|small|full-size>' "
@@ -35,6 +34,13 @@ class ModelConfig(BaseModel):
     torch_threads: int | None = Field(
         default=None, gt=0, description="torch intra-op threads for CPU inference. Default: torch's choice."
     )
+
+
+
+class ModelConfig(ModelSettings):
+    """ModelSettings of one deployment, bound to the variant it serves."""
+
+    variant: Variant = Field(description="Which variant this deployment serves: 'instruct' or 'thinking'.")
 
     @property
     def name(self) -> str:
@@ -80,7 +86,7 @@ class VariantArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: dict = Field(default_factory=dict, description="ModelConfig fields (checkpoint, dtype, ...).")
+    model: ModelSettings = Field(default_factory=ModelSettings)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
 
@@ -107,7 +113,7 @@ class AppArgs(BaseModel):
     def model_configs(self) -> dict[str, ModelConfig]:
         """ModelConfig of each loaded variant, keyed by variant; raises ValueError if none is."""
         configs = {
-            variant: ModelConfig(variant=variant, **args.model)
+            variant: ModelConfig(variant=variant, **args.model.model_dump())
             for variant, args in (("instruct", self.instruct), ("thinking", self.thinking))
             if args is not None
         }

@@ -1,0 +1,60 @@
+"""The shipped configs validate, and AppArgs refuses what it cannot honour."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from deployments.config import AppArgs, DeploymentOptions
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.gpu.yaml"])
+def test_shipped_config_args_validate_into_app_args(name):
+    config = yaml.safe_load((ROOT / name).read_text())
+    (app,) = config["applications"]
+    assert app["import_path"] == "serve_app:build_app"
+    args = AppArgs.model_validate(app["args"])
+    assert set(args.model_configs()) == {"instruct", "thinking"}
+
+
+def test_default_config_is_local_only_and_uses_the_tiny_preset():
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    assert config["http_options"]["host"] == "127.0.0.1"
+    args = AppArgs.model_validate(config["applications"][0]["args"])
+    assert {c.checkpoint for c in args.model_configs().values()} == {"preset:tiny"}
+    assert all(v.deployment.autoscaling_config for v in (args.instruct, args.thinking))
+
+
+def test_a_variant_set_to_null_is_left_out():
+    args = AppArgs.model_validate({"thinking": None})
+    assert list(args.model_configs()) == ["instruct"]
+
+
+def test_no_variant_at_all_is_refused():
+    with pytest.raises(ValueError, match="At least one"):
+        AppArgs.model_validate({"instruct": None, "thinking": None}).model_configs()
+
+
+def test_unknown_keys_are_errors_not_ignored():
+    with pytest.raises(ValidationError):
+        AppArgs.model_validate({"instruct": {"modle": {}}})
+    with pytest.raises(ValidationError):
+        AppArgs.model_validate({"instruct": {"model": {"chekpoint": "x"}}})
+
+
+def test_served_names_default_per_variant_and_can_be_overridden():
+    args = AppArgs.model_validate({"instruct": {"model": {"served_name": "mine"}}})
+    configs = args.model_configs()
+    assert configs["instruct"].name == "mine"
+    assert configs["thinking"].name == "MiniCPM-V-4.6-Thinking"
+
+
+def test_deployment_without_replica_settings_gets_one_replica():
+    assert DeploymentOptions().serve_options()["num_replicas"] == 1
+    options = DeploymentOptions(autoscaling_config={"min_replicas": 1, "max_replicas": 3}).serve_options()
+    assert "num_replicas" not in options and options["autoscaling_config"]["max_replicas"] == 3

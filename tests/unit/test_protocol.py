@@ -1,0 +1,116 @@
+"""OpenAI request -> generation request, variant choice, and chunk -> OpenAI event rendering."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from deployments.config import ModelConfig
+from deployments.errors import BadRequestError, ModelNotFoundError, UnsupportedParameterError
+from deployments.protocol import CompletionStream, choose_variant, collect, to_generation_request
+from deployments.schemas import ChatCompletionRequest
+from deployments.types import Chunk, Usage
+
+BOTH = {v: ModelConfig(variant=v) for v in ("instruct", "thinking")}
+ONLY_INSTRUCT = {"instruct": ModelConfig(variant="instruct")}
+
+
+def request(**fields) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], **fields})
+
+
+async def no_media(kind: str, url: str):
+    raise AssertionError("no media expected")
+
+
+@pytest.mark.parametrize("fields, variant, thinking", [
+    ({}, "instruct", False),
+    ({"model": "MiniCPM-V-4.6"}, "instruct", False),
+    ({"model": "instruct"}, "instruct", False),
+    ({"model": "MiniCPM-V-4.6-Thinking"}, "thinking", True),
+    ({"model": "thinking"}, "thinking", True),
+    ({"model": "MiniCPM-V-4.6", "chat_template_kwargs": {"enable_thinking": True}}, "thinking", True),
+    ({"model": "thinking", "chat_template_kwargs": {"enable_thinking": False}}, "instruct", False),
+])
+def test_one_boolean_picks_deployment_and_enable_thinking(fields, variant, thinking):
+    config, enable_thinking = choose_variant(request(**fields), BOTH)
+    assert (config.variant, enable_thinking) == (variant, thinking)
+
+
+@pytest.mark.parametrize("model, thinking", [("MiniCPM-V-4.6-Thinking", True), ("MiniCPM-V-4.6", False)])
+def test_single_variant_serves_both_names_and_only_flips_enable_thinking(model, thinking):
+    config, enable_thinking = choose_variant(request(model=model), ONLY_INSTRUCT)
+    assert config.variant == "instruct" and enable_thinking is thinking
+
+
+def test_unknown_model_names_the_available_ones():
+    with pytest.raises(ModelNotFoundError, match="MiniCPM-V-4.6-Thinking"):
+        choose_variant(request(model="gpt-4o"), BOTH)
+
+
+async def test_conversion_maps_roles_text_and_sampling():
+    req = request(messages=[{"role": "developer", "content": "be brief"},
+                            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+                  max_completion_tokens=7, temperature=0.5, top_k=3, seed=9, stop="END")
+    gen = await to_generation_request(req, True, "rid", 100, no_media)
+    assert [(m.role, m.content) for m in gen.messages] == [("system", ["be brief"]), ("user", ["a", "b"])]
+    assert (gen.sampling.max_tokens, gen.sampling.temperature, gen.sampling.top_k) == (7, 0.5, 3)
+    assert gen.sampling.stop == ["END"] and gen.sampling.seed == 9
+    assert gen.enable_thinking and gen.request_id == "rid"
+
+
+async def test_default_max_tokens_applies_when_none_sent():
+    assert (await to_generation_request(request(), False, "r", 123, no_media)).sampling.max_tokens == 123
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"n": 3}, "n"), ({"tools": []}, "tools"), ({"logprobs": True}, "logprobs"),
+    ({"presence_penalty": 0.5}, "presence_penalty"), ({"whatever": 1}, "whatever"),
+])
+async def test_unsupported_parameters_are_refused_by_name(fields, param):
+    with pytest.raises(UnsupportedParameterError) as info:
+        await to_generation_request(request(**fields), False, "r", 10, no_media)
+    assert info.value.param == param
+
+
+async def test_neutral_values_of_unsupported_parameters_are_accepted():
+    await to_generation_request(request(logprobs=False, tools=None, presence_penalty=0), False, "r", 10, no_media)
+
+
+async def test_last_message_from_assistant_and_min_over_max_are_refused():
+    with pytest.raises(BadRequestError, match="assistant"):
+        await to_generation_request(request(messages=[{"role": "assistant", "content": "x"}]), False, "r", 5, no_media)
+    with pytest.raises(BadRequestError, match="min_tokens"):
+        await to_generation_request(request(max_tokens=2, min_tokens=3), False, "r", 5, no_media)
+
+
+def test_stream_events_role_first_then_deltas_finish_and_usage():
+    stream = CompletionStream("id1", "M", include_usage=True)
+    events = [e for c in [Chunk(reasoning="r"), Chunk(content="a"),
+                          Chunk(finish_reason="length", usage=Usage(3, 2))] for e in stream.events(c)]
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events]
+    assert all(e.startswith("data: ") and e.endswith("\n\n") for e in events)
+    assert payloads[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "reasoning_content": "r"}
+    assert payloads[1]["choices"][0]["delta"] == {"content": "a"}
+    assert payloads[2]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "length"}
+    assert payloads[3]["choices"] == [] and payloads[3]["usage"]["total_tokens"] == 5
+    assert {p["id"] for p in payloads} == {"id1"} and {p["object"] for p in payloads} == {"chat.completion.chunk"}
+
+
+def test_stream_without_include_usage_sends_no_usage_chunk():
+    events = CompletionStream("i", "M", include_usage=False).events(Chunk(finish_reason="stop", usage=Usage(1, 1)))
+    assert all("usage" not in e for e in events)
+
+
+async def test_collect_joins_reasoning_and_answer_with_usage():
+    async def chunks():
+        for c in [Chunk(reasoning="th"), Chunk(reasoning="ink"), Chunk(content="ans"),
+                  Chunk(finish_reason="stop", usage=Usage(4, 3))]:
+            yield c
+
+    completion = await collect(chunks(), "id", "M")
+    assert completion.choices[0].message.reasoning_content == "think"
+    assert completion.choices[0].message.content == "ans"
+    assert completion.choices[0].finish_reason == "stop" and completion.usage.total_tokens == 7
