@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.presets import Variant
 
+MiB = 1024 * 1024
+
 
 class ModelSettings(BaseModel):
     """What one model deployment loads and how it generates (the `model:` block of a variant)."""
@@ -90,12 +92,48 @@ class VariantArgs(BaseModel):
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
 
+class MediaConfig(BaseModel):
+    """How the router accepts images and videos. Remote URLs and local paths are off by default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_images_per_request: int = Field(default=8, ge=0, description="Images in one request, all messages.")
+    max_videos_per_request: int = Field(default=2, ge=0, description="Videos in one request, all messages.")
+    max_image_bytes: int = Field(default=20 * MiB, gt=0, description="Encoded size of one image.")
+    max_image_pixels: int = Field(
+        default=40_000_000, gt=0, description="width x height of one image, checked before decoding (bombs)."
+    )
+    max_video_bytes: int = Field(default=100 * MiB, gt=0, description="Encoded size of one video.")
+    max_video_duration_s: float = Field(default=600.0, gt=0, description="Length of one video.")
+    video_fps: float = Field(default=2.0, gt=0, description="Frames sampled per second of video by default.")
+    video_fps_cap: float = Field(default=8.0, gt=0, description="Highest fps a request may ask for.")
+    max_video_frames: int = Field(
+        default=32, ge=1, description="Most frames sampled from one video (requests may ask for fewer)."
+    )
+    local_media_dir: str | None = Field(
+        default=None, description="Directory whose files requests may name by path or file:// URL. None: off."
+    )
+    allow_remote: bool = Field(default=False, description="Fetch http(s) URLs. Off: such URLs get a 400.")
+    allowed_domains: list[str] = Field(
+        default_factory=list, description="If set, only these domains (and their subdomains) are fetched."
+    )
+    allow_private_addresses: bool = Field(
+        default=False, description="Fetch from loopback, private, link-local and metadata addresses (unsafe)."
+    )
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=20.0, gt=0)
+    fetch_timeout_s: float = Field(default=60.0, gt=0, description="Whole download, redirects included.")
+    max_redirects: int = Field(default=3, ge=0)
+    max_concurrent_decodes: int = Field(default=4, ge=1, description="Decodes running at once in one router.")
+
+
 class RouterArgs(BaseModel):
     """The ingress deployment: HTTP, validation and routing."""
 
     model_config = ConfigDict(extra="forbid")
 
     default_max_tokens: int = Field(default=1024, ge=1, description="max_tokens when a request sends none.")
+    media: MediaConfig = Field(default_factory=MediaConfig)
     deployment: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512)
     )

@@ -35,6 +35,12 @@ class UnsupportedParameterError(BadRequestError):
     code = "unsupported_parameter"
 
 
+class PayloadTooLargeError(ServiceError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "payload_too_large"
+
+
 class ModelNotFoundError(ServiceError):
     status_code = 404
     error_type = "invalid_request_error"

@@ -1,28 +1,231 @@
-"""Images and videos in requests: fetched and decoded safely before they reach a replica."""
+"""Images and videos in requests: fetched and decoded safely in the router.
+
+Decoding happens in the router, not the model replica: a corrupt, oversized or refused input
+fails fast with a 4xx before a (GPU) replica is tied up, and decoding CPU stays off the GPU
+machines. The price is moving decoded pixels to the replica through Ray's object store; frames
+are sampled here first (at most `max_video_frames`), which keeps that to a few MB per video.
+Blocking decode work runs in threads, bounded by a semaphore, so the router's event loop keeps
+streaming other requests meanwhile.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
+import ipaddress
+import math
+import socket
+from pathlib import Path
+from urllib.parse import unquote, urljoin, urlsplit
 
-from PIL import Image, UnidentifiedImageError
+import aiohttp
+import decord
+import numpy as np
+from aiohttp.resolver import ThreadedResolver
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from deployments.errors import BadRequestError
-from deployments.types import ContentPart
+from deployments.config import MediaConfig
+from deployments.errors import BadRequestError, PayloadTooLargeError
+from deployments.schemas import ImagePart, VideoPart
+from deployments.types import Video
+
+IMAGE_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP"}
+VIDEO_SIGNATURES = {"mp4/mov": (4, b"ftyp"), "webm/mkv": (0, b"\x1a\x45\xdf\xa3"), "avi": (8, b"AVI ")}
+_REDIRECTS = {301, 302, 303, 307, 308}
 
 
-async def load(kind: str, url: str) -> ContentPart:
-    """Decode one image or video named by `url`; raises BadRequestError for anything unusable."""
-    if kind != "image":
-        raise BadRequestError("Video input is not supported yet", param="messages")
-    if not url.startswith("data:"):
-        raise BadRequestError("Only data: URLs are accepted for images", param="messages")
-    header, _, payload = url.partition(",")
+class MediaError(BadRequestError):
+    code = "invalid_media"
+
+
+class MediaRefusedError(BadRequestError):
+    code = "media_refused"
+
+
+class MediaLoader:
+    """Turns `image_url` / `video_url` parts into PIL images and sampled `Video`s."""
+
+    def __init__(self, config: MediaConfig) -> None:
+        self.config = config
+        self._decoding = asyncio.Semaphore(config.max_concurrent_decodes)
+
+    async def load(self, part: ImagePart | VideoPart) -> Image.Image | Video:
+        """Fetch and decode one part. Raises MediaError / MediaRefusedError / PayloadTooLargeError."""
+        if isinstance(part, ImagePart):
+            data = await self._read(part.image_url.url, "image", self.config.max_image_bytes)
+            async with self._decoding:
+                return await asyncio.to_thread(decode_image, data, self.config.max_image_pixels)
+        data = await self._read(part.video_url.url, "video", self.config.max_video_bytes)
+        fps = min(part.video_url.fps or self.config.video_fps, self.config.video_fps_cap)
+        max_frames = min(part.video_url.max_frames or self.config.max_video_frames, self.config.max_video_frames)
+        async with self._decoding:
+            return await asyncio.to_thread(
+                decode_video, data, fps, max_frames, self.config.max_video_duration_s
+            )
+
+    async def _read(self, url: str, kind: str, max_bytes: int) -> bytes:
+        scheme = urlsplit(url).scheme.lower()
+        if scheme == "data":
+            return read_data_url(url, kind, max_bytes)
+        if scheme in ("http", "https"):
+            return await fetch(url, kind, max_bytes, self.config)
+        if scheme in ("", "file"):
+            return await asyncio.to_thread(read_local, url, kind, max_bytes, self.config.local_media_dir)
+        raise MediaRefusedError(f"Unsupported {kind} URL scheme '{scheme}': use data:, http(s): or a local path")
+
+
+def read_data_url(url: str, kind: str, max_bytes: int) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise MediaError(f"The {kind} data URL must be base64: data:<type>;base64,<data>")
+    if len(payload) * 3 // 4 > max_bytes:
+        raise _too_large(kind, max_bytes)
     try:
-        data = base64.b64decode(payload, validate=True)
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise MediaError(f"The {kind} data URL is not valid base64") from None
+
+
+def read_local(url: str, kind: str, max_bytes: int, media_dir: str | None) -> bytes:
+    if media_dir is None:
+        raise MediaRefusedError(f"Local {kind} paths are off: set media.local_media_dir to allow a directory")
+    root = Path(media_dir).resolve()
+    raw = unquote(urlsplit(url).path) if url.startswith("file:") else url
+    path = (root / raw).resolve()  # an absolute `raw` replaces root; resolve() follows symlinks
+    if not path.is_relative_to(root):
+        raise MediaRefusedError(f"The {kind} path is outside the media directory")
+    if not path.is_file():
+        raise MediaError(f"No such {kind} file in the media directory: {raw}")
+    if path.stat().st_size > max_bytes:
+        raise _too_large(kind, max_bytes)
+    return path.read_bytes()
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode to RGB with EXIF orientation applied; checks the pixel count before decoding."""
+    try:
         image = Image.open(io.BytesIO(data))
-        image.load()
-    except (binascii.Error, UnidentifiedImageError, OSError) as exc:
-        raise BadRequestError("The image could not be decoded", param="messages") from exc
+        if image.format not in IMAGE_FORMATS:
+            raise MediaError(f"Unsupported image format {image.format}: use PNG, JPEG, WebP, GIF or BMP")
+        width, height = image.size
+        if width * height > max_pixels:
+            raise MediaError(
+                f"The image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+            )
+        image.load()  # GIFs: the first frame
+        image = ImageOps.exif_transpose(image)
+    except (UnidentifiedImageError, Image.DecompressionBombError):
+        raise MediaError("The image could not be decoded: not a supported image file") from None
+    except OSError:
+        raise MediaError("The image could not be decoded: the file is corrupt or truncated") from None
+    if image.mode in ("RGBA", "LA", "P", "PA"):
+        # Transparent pixels go on white, not on whatever colour they happen to store.
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
     return image.convert("RGB")
+
+
+def decode_video(data: bytes, fps: float, max_frames: int, max_duration_s: float) -> Video:
+    """Decode with decord, sampling frames at `fps` (at most `max_frames`, spread evenly)."""
+    if not any(data[offset:offset + len(magic)] == magic for offset, magic in VIDEO_SIGNATURES.values()):
+        raise MediaError("Unsupported video format: use MP4, MOV, WebM, MKV or AVI")
+    try:
+        reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
+        total = len(reader)
+        if total == 0:
+            raise MediaError("The video has no frames")
+        source_fps = float(reader.get_avg_fps()) or 1.0
+        duration = total / source_fps
+        if duration > max_duration_s:
+            raise MediaError(f"The video is {duration:.1f} s long; the limit is {max_duration_s:g} s")
+        count = max(1, min(max_frames, math.ceil(duration * fps), total))
+        indices = np.linspace(0, total - 1, count).round().astype(int).tolist()
+        frames = reader.get_batch(indices).asnumpy()
+    except RuntimeError:
+        raise MediaError("The video could not be decoded: the file is corrupt or truncated") from None
+    return Video(frames=frames, fps=source_fps, duration=duration, frame_indices=indices, total_num_frames=total)
+
+
+class _GuardedResolver(ThreadedResolver):
+    """Resolves names and refuses the host when any address is not public (SSRF guard).
+
+    The check happens on the addresses the connection will use, so a name that resolves to
+    127.0.0.1 or 169.254.169.254 is refused even when the name itself looks harmless.
+    """
+
+    def __init__(self, allow_private: bool) -> None:
+        super().__init__()
+        self.allow_private = allow_private
+        self.refused: str | None = None
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET):
+        results = await super().resolve(host, port, family)
+        for result in results:
+            if not self.allow_private and not _is_public(result["host"]):
+                self.refused = host
+                raise OSError(f"refused address for {host}")
+        return results
+
+
+def _is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    return ip.is_global and not ip.is_multicast
+
+
+async def fetch(url: str, kind: str, max_bytes: int, config: MediaConfig) -> bytes:
+    """GET `url` with redirects, timeouts and a byte cap, refusing non-public addresses."""
+    if not config.allow_remote:
+        raise MediaRefusedError(f"Fetching {kind} URLs is off: send a data: URL or set media.allow_remote")
+    resolver = _GuardedResolver(config.allow_private_addresses)
+    timeout = aiohttp.ClientTimeout(total=config.fetch_timeout_s, sock_connect=config.connect_timeout_s,
+                                    sock_read=config.read_timeout_s)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver), timeout=timeout) as session:
+        for _ in range(config.max_redirects + 1):
+            _check_url(url, kind, config)
+            try:
+                async with session.get(url, allow_redirects=False) as response:
+                    if response.status in _REDIRECTS and "Location" in response.headers:
+                        url = urljoin(url, response.headers["Location"])
+                        continue
+                    if response.status != 200:
+                        raise MediaError(f"Fetching the {kind} URL failed with HTTP {response.status}")
+                    return await _read_capped(response, kind, max_bytes)
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                if resolver.refused:
+                    raise MediaRefusedError(f"The {kind} URL resolves to a private or local address") from None
+                raise MediaError(f"Fetching the {kind} URL failed: {type(exc).__name__}") from None
+        raise MediaError(f"The {kind} URL redirected more than {config.max_redirects} times")
+
+
+def _check_url(url: str, kind: str, config: MediaConfig) -> None:
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host:
+        raise MediaRefusedError(f"The {kind} URL must be http(s) with a host")
+    if config.allowed_domains and not any(host == d or host.endswith("." + d) for d in config.allowed_domains):
+        raise MediaRefusedError(f"The {kind} URL's domain {host} is not in media.allowed_domains")
+    try:
+        literal = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return  # a name: the resolver checks the addresses it resolves to
+    if not config.allow_private_addresses and not _is_public(str(literal)):
+        raise MediaRefusedError(f"The {kind} URL points to a private or local address")
+
+
+async def _read_capped(response: aiohttp.ClientResponse, kind: str, max_bytes: int) -> bytes:
+    if response.content_length is not None and response.content_length > max_bytes:
+        raise _too_large(kind, max_bytes)
+    data = bytearray()
+    async for block in response.content.iter_chunked(64 * 1024):
+        data += block
+        if len(data) > max_bytes:
+            raise _too_large(kind, max_bytes)
+    return bytes(data)
+
+
+def _too_large(kind: str, max_bytes: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"The {kind} is larger than the {max_bytes // (1024 * 1024)} MiB limit",
+                                param="messages")

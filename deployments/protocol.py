@@ -9,7 +9,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from deployments.config import ModelConfig
+from deployments.config import MediaConfig, ModelConfig
 from deployments.errors import BadRequestError, ModelNotFoundError, ServiceError
 from deployments.schemas import (
     ChatCompletion,
@@ -22,11 +22,12 @@ from deployments.schemas import (
     StreamChoice,
     TextPart,
     UsageInfo,
+    VideoPart,
 )
 from deployments.types import ChatMessage, Chunk, ContentPart, GenerationRequest, SamplingParams
 
-# Loads the media of one content part: ("image" | "video", url, part index) -> image or Video.
-MediaLoader = Callable[[str, str], Awaitable[ContentPart]]
+# Fetches and decodes the media of one image_url / video_url part.
+MediaLoader = Callable[[ImagePart | VideoPart], Awaitable[ContentPart]]
 
 
 def choose_variant(request: ChatCompletionRequest, variants: dict[str, ModelConfig]) -> tuple[ModelConfig, bool]:
@@ -61,10 +62,14 @@ def _named_variant(model: str | None, variants: dict[str, ModelConfig]) -> str |
 
 async def to_generation_request(
     request: ChatCompletionRequest, enable_thinking: bool, request_id: str, default_max_tokens: int,
-    load_media: MediaLoader,
+    load_media: MediaLoader, media_limits: MediaConfig,
 ) -> GenerationRequest:
-    """Convert an OpenAI request (already validated by pydantic) into the replica's request."""
+    """Convert an OpenAI request (already validated by pydantic) into the replica's request.
+
+    Checks the image and video counts before fetching or decoding anything.
+    """
     request.check_supported()
+    _check_media_counts(request, media_limits)
     messages = [
         ChatMessage(role="system" if m.role == "developer" else m.role, content=await _content(m.content, load_media))
         for m in request.messages
@@ -83,6 +88,15 @@ async def to_generation_request(
                              request_id=request_id)
 
 
+def _check_media_counts(request: ChatCompletionRequest, limits: MediaConfig) -> None:
+    parts = [p for m in request.messages if isinstance(m.content, list) for p in m.content]
+    for kind, part_type, limit in (("images", ImagePart, limits.max_images_per_request),
+                                   ("videos", VideoPart, limits.max_videos_per_request)):
+        count = sum(isinstance(p, part_type) for p in parts)
+        if count > limit:
+            raise BadRequestError(f"The request has {count} {kind}; the limit is {limit}", param="messages")
+
+
 async def _content(content, load_media: MediaLoader) -> list[ContentPart]:
     if content is None:
         return []
@@ -92,10 +106,8 @@ async def _content(content, load_media: MediaLoader) -> list[ContentPart]:
     for part in content:
         if isinstance(part, TextPart):
             parts.append(part.text)
-        elif isinstance(part, ImagePart):
-            parts.append(await load_media("image", part.image_url.url))
         else:
-            parts.append(await load_media("video", part.video_url.url))
+            parts.append(await load_media(part))
     return parts
 
 

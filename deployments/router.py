@@ -13,7 +13,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments import media
+from deployments.media import MediaLoader
 from deployments.config import ModelConfig, RouterArgs
 from deployments.errors import BadRequestError, OverloadedError, ServiceError
 from deployments.protocol import CompletionStream, choose_variant, collect, error_event, to_generation_request
@@ -144,6 +144,7 @@ class Router:
         self._variants = variants
         self._handles = {variant: handle.options(stream=True) for variant, handle in handles.items()}
         self._args = args
+        self._media = MediaLoader(args.media)
 
     @app.get("/health")
     async def health(self) -> dict:
@@ -159,7 +160,7 @@ class Router:
         request_id = request.state.request_id
         config, thinking = choose_variant(body, self._variants)
         generation_request = await to_generation_request(
-            body, thinking, request_id, self._args.default_max_tokens, media.load
+            body, thinking, request_id, self._args.default_max_tokens, self._media.load, self._args.media
         )
         chunks = self._handles[config.variant].stream.remote(generation_request)
         first = await _first(chunks)

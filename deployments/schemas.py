@@ -26,6 +26,11 @@ class MediaURL(_Strict):
     detail: Literal["auto", "low", "high"] | None = Field(default=None, description="Accepted and ignored.")
 
 
+class VideoURL(MediaURL):
+    fps: float | None = Field(default=None, gt=0, description="Frames sampled per second (up to the server cap).")
+    max_frames: int | None = Field(default=None, ge=1, description="Most frames sampled (up to the server cap).")
+
+
 class ImagePart(_Strict):
     type: Literal["image_url"]
     image_url: MediaURL
@@ -33,7 +38,7 @@ class ImagePart(_Strict):
 
 class VideoPart(_Strict):
     type: Literal["video_url"]
-    video_url: MediaURL
+    video_url: VideoURL
 
 
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -32,8 +33,19 @@ def app_args(**overrides) -> dict:
 
 
 @pytest.fixture(scope="session")
-def serve_url(tiny_checkpoints) -> Iterator[str]:
-    """Base URL of a Serve instance with two apps: both variants at /, instruct only at /single."""
+def media_dir(tmp_path_factory) -> Path:
+    """The directory whose files the main app accepts by path (media.local_media_dir)."""
+    return tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture(scope="session")
+def serve_url(tiny_checkpoints, media_dir: Path) -> Iterator[str]:
+    """Base URL of a Serve instance with two apps.
+
+    At /: both variants; local paths under `media_dir` allowed; remote fetching on (so the
+    private-address guard is what refuses loopback URLs). At /single: instruct only, default
+    media settings (remote fetching and local paths off).
+    """
     import ray
     from ray import serve
 
@@ -43,7 +55,9 @@ def serve_url(tiny_checkpoints) -> Iterator[str]:
     port = _free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(AppArgs.model_validate(app_args())), name=FULL_APP, route_prefix="/")
+    router = {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+              "media": {"local_media_dir": str(media_dir), "allow_remote": True}}
+    serve.run(build_app(AppArgs.model_validate(app_args(router=router))), name=FULL_APP, route_prefix="/")
     serve.run(build_app(AppArgs.model_validate(app_args(thinking=None))), name=SINGLE_APP, route_prefix="/single")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
