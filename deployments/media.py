@@ -2,9 +2,10 @@
 
 Decoding happens in the router, not the model replica: a corrupt, oversized or refused input
 fails fast with a 4xx before a (GPU) replica is tied up, and decoding CPU stays off the GPU
-machines. The price is moving decoded pixels to the replica through Ray's object store; frames
-are sampled here first (at most `max_video_frames`), which keeps that to a few MB per video.
-Blocking decode work runs in threads, bounded by a semaphore, so the router's event loop keeps
+machines. The price is moving decoded pixels to the replica through Ray's object store: frames
+are sampled here first (at most `max_video_frames`), and passing 32 sampled frames to another
+Ray process measured 34 ms at 640x480 (29 MB) and 60 ms at 1280x720 (88 MB) on a 2-core CPU
+machine, small beside decoding the video and prefilling its visual tokens. Blocking decode work runs in threads, bounded by a semaphore, so the router's event loop keeps
 streaming other requests meanwhile.
 """
 
