@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test build-preset clean
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: serve test browser build-preset clean
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,7 +17,10 @@ $(STAMP): requirements.txt requirements-test.txt
 serve: $(STAMP)  ## Run the service on the embedded default config (127.0.0.1:8000)
 	$(BIN)/serve run serve_config.yaml
 
-test: $(STAMP)  ## Run the whole test suite
+browser:  ## Debian's chromium for the browser tests (no browser download at test time)
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+
+test: $(STAMP) browser  ## Run the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 build-preset: $(STAMP)  ## Build a random-weight preset: make build-preset PRESET=small VARIANT=thinking OUT=checkpoints/small-thinking

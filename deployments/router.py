@@ -4,10 +4,11 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
@@ -24,6 +25,7 @@ logger = logging.getLogger("ray.serve")
 app = FastAPI(title="MiniCPM-V 4.6 on Ray Serve", version="1.0")
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+CHAT_PAGE = (Path(__file__).parent / "static" / "chat.html").read_text()
 
 
 async def _first(chunks: DeploymentResponseGenerator):
@@ -145,6 +147,11 @@ class Router:
         self._handles = {variant: handle.options(stream=True) for variant, handle in handles.items()}
         self._args = args
         self._media = MediaLoader(args.media)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def chat_page(self) -> str:
+        """The web chat page: self-contained, talks to /v1/chat/completions like any client."""
+        return CHAT_PAGE
 
     @app.get("/health")
     async def health(self) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,8 +73,15 @@ def client(serve_url: str) -> Iterator[httpx.Client]:
 
 
 def running_generations(app: str, deployment: str) -> int:
-    """Generation threads alive in the (single) replica of a model deployment."""
+    """Generation threads alive in the (single) replica of a model deployment.
+
+    Asked from a worker thread: callers such as Playwright's sync API run an event loop, where
+    Serve refuses blocking `.result()` calls.
+    """
     from ray import serve
 
-    handle = serve.get_deployment_handle(deployment, app_name=app)
-    return handle.running_generations.remote().result()
+    def ask() -> int:
+        return serve.get_deployment_handle(deployment, app_name=app).running_generations.remote().result()
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(ask).result()

@@ -1,0 +1,153 @@
+"""The web chat page in headless Chromium against the running service (no mocks, no CDN)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.integration.conftest import FULL_APP, running_generations
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(__file__).resolve().parents[2] / ".artifacts"
+
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
+    with sync_playwright() as playwright:
+        # Flags: no sandbox as root; no background connections (this machine has no network).
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic",
+        ])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, serve_url):
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.goto(serve_url + "/")
+    page.wait_for_function("document.querySelector('#model-name').textContent.length > 0")
+    yield page
+    context.close()
+
+
+def send(page, text: str, max_tokens: int = 40) -> None:
+    page.fill("#max-tokens", str(max_tokens))
+    page.fill("#prompt", text)
+    page.click("#send")
+
+
+def wait_done(page, timeout_ms: int = 30_000) -> None:
+    page.wait_for_selector("#send:not([hidden])", timeout=timeout_ms)
+
+
+def test_page_is_self_contained(client):
+    html = client.get("/").text
+    assert "<script" in html and "http://" not in html and "https://" not in html
+
+
+def test_send_streams_an_answer_that_grows(page):
+    send(page, "Tell me a story", max_tokens=400)
+    answer = page.locator(".msg.assistant .answer").last
+    page.wait_for_function("document.querySelector('.msg.assistant .answer').textContent.length > 0")
+    first = len(answer.text_content())
+    page.wait_for_function(f"document.querySelector('.msg.assistant .answer').textContent.length > {first}")
+    assert page.locator("#stop").is_visible(), "the answer grew while the stream was still running"
+    wait_done(page)
+    assert page.locator(".msg.user .bubble").last.text_content() == "Tell me a story"
+    assert "MiniCPM-V-4.6" in page.locator(".msg.assistant .meta").last.text_content() or \
+        "instruct" in page.locator(".msg.assistant .meta").last.text_content()
+
+
+def test_thinking_switch_clears_history_with_a_notice_and_shows_reasoning(page):
+    send(page, "first question", max_tokens=5)
+    wait_done(page)
+    assert page.locator(".msg").count() == 2
+    page.click("#thinking-toggle")
+    assert page.locator(".msg").count() == 0
+    assert page.locator(".notice").text_content() == "Switched to 'thinking' model, history cleared."
+    send(page, "think about it", max_tokens=20)
+    wait_done(page)
+    reasoning = page.locator(".msg.assistant .reasoning").last
+    assert reasoning.is_visible() and reasoning.locator(".reasoning-text").text_content()
+    page.click("#thinking-toggle")
+    assert page.locator(".notice").text_content() == "Switched to 'instruct' model, history cleared."
+
+
+def test_single_variant_switch_keeps_history(browser, serve_url):
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(serve_url + "/single")
+    page.wait_for_function("document.querySelector('#model-name').textContent === 'MiniCPM-V-4.6'")
+    send(page, "hello", max_tokens=5)
+    wait_done(page)
+    page.click("#thinking-toggle")
+    assert page.locator(".msg").count() == 2
+    assert "history kept" in page.locator(".notice").last.text_content()
+    context.close()
+
+
+def test_attached_image_is_previewed_and_sent(page, tmp_path):
+    image = tmp_path / "red.png"
+    Image.new("RGB", (64, 48), "red").save(image)
+    page.set_input_files("#attach", str(image))
+    assert page.locator("#attachments img.thumb").count() == 1
+    send(page, "what colour is this?", max_tokens=8)
+    wait_done(page)
+    assert page.locator("#attachments img").count() == 0
+    assert page.locator(".msg.user img.thumb").count() == 1
+    assert "finish" in page.locator(".msg.assistant .meta").last.text_content()
+    assert page.locator(".error").count() == 0
+
+
+def test_stop_ends_generation_on_the_server(page):
+    send(page, "go on forever", max_tokens=3000)
+    page.wait_for_function("document.querySelector('.msg.assistant .answer').textContent.length > 20")
+    page.click("#stop")
+    wait_done(page, timeout_ms=5000)
+    assert "finish: stopped" in page.locator(".msg.assistant .meta").last.text_content()
+    deadline = time.monotonic() + 5
+    while running_generations(FULL_APP, "instruct") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running_generations(FULL_APP, "instruct") == 0
+
+
+def test_regenerate_replaces_the_last_answer_and_clear_empties(page):
+    send(page, "hi", max_tokens=6)
+    wait_done(page)
+    page.click("#regenerate")
+    wait_done(page)
+    assert page.locator(".msg.assistant").count() == 1 and page.locator(".msg.user").count() == 1
+    page.click("#clear")
+    assert page.locator(".msg").count() == 0
+
+
+def test_server_error_is_shown_in_the_page(page):
+    send(page, "too long", max_tokens=8000)  # over the tiny model's 4096-token context
+    wait_done(page)
+    assert "context" in page.locator(".error").last.text_content()
+
+
+def test_screenshot_of_a_conversation(page, tmp_path):
+    image = tmp_path / "scene.png"
+    picture = Image.new("RGB", (160, 120), "skyblue")
+    picture.paste(Image.new("RGB", (160, 40), "forestgreen"), (0, 80))
+    picture.save(image)
+    page.click("#thinking-toggle")
+    page.set_input_files("#attach", str(image))
+    send(page, "Describe this picture, please.", max_tokens=60)
+    wait_done(page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = page.screenshot(path=str(ARTIFACTS / "chat-page.png"), full_page=True)
+    assert Image.open(io.BytesIO(shot)).size[0] == 1280
