@@ -103,6 +103,10 @@ class Engine:
         thread.start()
         try:
             async for chunk in self._decode(prepared, request.enable_thinking, queue, stop_event):
+                if chunk.usage:
+                    logger.info("Request %s generated: finish_reason=%s prompt_tokens=%d completion_tokens=%d",
+                                request.request_id, chunk.finish_reason, chunk.usage.prompt_tokens,
+                                chunk.usage.completion_tokens)
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):
             logger.info("Request %s cancelled: generation stopped", request.request_id)

@@ -18,6 +18,7 @@ import io
 import ipaddress
 import math
 import socket
+import time
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
@@ -26,6 +27,7 @@ import decord
 import numpy as np
 from aiohttp.resolver import ThreadedResolver
 from PIL import Image, ImageOps, UnidentifiedImageError
+from ray.serve.metrics import Histogram
 
 from deployments.config import MediaConfig
 from deployments.errors import BadRequestError, PayloadTooLargeError
@@ -48,12 +50,21 @@ class MediaRefusedError(BadRequestError):
 class MediaLoader:
     """Turns `image_url` / `video_url` parts into PIL images and sampled `Video`s."""
 
-    def __init__(self, config: MediaConfig) -> None:
+    def __init__(self, config: MediaConfig, decode_seconds: Histogram | None = None) -> None:
         self.config = config
         self._decoding = asyncio.Semaphore(config.max_concurrent_decodes)
+        self._decode_seconds = decode_seconds
 
     async def load(self, part: ImagePart | VideoPart) -> Image.Image | Video:
         """Fetch and decode one part. Raises MediaError / MediaRefusedError / PayloadTooLargeError."""
+        started = time.perf_counter()
+        result = await self._load(part)
+        if self._decode_seconds is not None:
+            kind = "image" if isinstance(part, ImagePart) else "video"
+            self._decode_seconds.observe(time.perf_counter() - started, tags={"kind": kind})
+        return result
+
+    async def _load(self, part: ImagePart | VideoPart) -> Image.Image | Video:
         if isinstance(part, ImagePart):
             data = await self._read(part.image_url.url, "image", self.config.max_image_bytes)
             async with self._decoding:
@@ -117,7 +128,10 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             )
         image.load()  # GIFs: the first frame
         image = ImageOps.exif_transpose(image)
-    except (UnidentifiedImageError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # Pillow's own cap (2x its MAX_IMAGE_PIXELS), hit at open
+        limit = min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS)
+        raise MediaError(f"The image has more pixels than the limit of {limit}") from None
+    except UnidentifiedImageError:
         raise MediaError("The image could not be decoded: not a supported image file") from None
     except OSError:
         raise MediaError("The image could not be decoded: the file is corrupt or truncated") from None
@@ -145,7 +159,7 @@ def decode_video(data: bytes, fps: float, max_frames: int, max_duration_s: float
         count = max(1, min(max_frames, math.ceil(duration * fps), total))
         indices = np.linspace(0, total - 1, count).round().astype(int).tolist()
         frames = reader.get_batch(indices).asnumpy()
-    except RuntimeError:
+    except (RuntimeError, decord.DECORDError):  # decord raises both for broken input
         raise MediaError("The video could not be decoded: the file is corrupt or truncated") from None
     return Video(frames=frames, fps=source_fps, duration=duration, frame_indices=indices, total_num_frames=total)
 

@@ -8,6 +8,7 @@ from ray import serve
 
 from deployments.config import ModelConfig
 from deployments.engine import Engine
+from deployments.metrics import active_streams_gauge
 from deployments.types import Chunk, GenerationRequest
 
 
@@ -17,11 +18,22 @@ class ModelDeployment:
 
     def __init__(self, config: ModelConfig) -> None:
         self.engine = Engine(config)
+        self._active = 0
+        self._active_gauge = active_streams_gauge()
+        self._tags = {"variant": config.variant}
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Yield the engine's chunks; cancellation by the caller stops generation."""
-        async for chunk in self.engine.stream(request):
-            yield chunk
+        self._set_active(+1)
+        try:
+            async for chunk in self.engine.stream(request):
+                yield chunk
+        finally:
+            self._set_active(-1)
+
+    def _set_active(self, change: int) -> None:
+        self._active += change
+        self._active_gauge.set(self._active, tags=self._tags)
 
     def running_generations(self) -> int:
         """Generation threads alive in this replica (tests use it to prove cancellation)."""

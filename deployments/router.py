@@ -1,7 +1,9 @@
 """The ingress deployment: HTTP only. Validates, picks the variant, streams the answer back."""
 
+import functools
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,10 +17,12 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.media import MediaLoader
+from deployments.metrics import RequestTrace, RouterMetrics, Status
 from deployments.config import ModelConfig, RouterArgs
 from deployments.errors import BadRequestError, OverloadedError, ServiceError
 from deployments.protocol import CompletionStream, choose_variant, collect, error_event, to_generation_request
 from deployments.schemas import ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+from deployments.types import Chunk
 
 logger = logging.getLogger("ray.serve")
 
@@ -26,6 +30,7 @@ app = FastAPI(title="MiniCPM-V 4.6 on Ray Serve", version="1.0")
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CHAT_PAGE = (Path(__file__).parent / "static" / "chat.html").read_text()
+CHAT_PATH = "/v1/chat/completions"
 
 
 async def _first(chunks: DeploymentResponseGenerator):
@@ -40,26 +45,61 @@ async def _first(chunks: DeploymentResponseGenerator):
         raise _unwrap(exc) from exc
 
 
-async def _prepend(first, chunks: DeploymentResponseGenerator) -> AsyncIterator:
+async def _observed(first: Chunk, chunks: DeploymentResponseGenerator, trace: RequestTrace) -> AsyncIterator[Chunk]:
+    """The whole stream, first chunk included, recording token timing and usage in `trace`."""
+    async for chunk in _prepend(first, chunks):
+        if chunk.reasoning or chunk.content:
+            trace.token()
+        if chunk.usage:
+            trace.prompt_tokens, trace.completion_tokens = chunk.usage.prompt_tokens, chunk.usage.completion_tokens
+            trace.finish_reason = chunk.finish_reason
+        yield chunk
+
+
+async def _prepend(first: Chunk, chunks: DeploymentResponseGenerator) -> AsyncIterator[Chunk]:
     yield first
     async for chunk in chunks:
         yield chunk
 
 
-async def _sse(first, chunks: DeploymentResponseGenerator, stream: CompletionStream) -> AsyncIterator[str]:
+async def _sse(first: Chunk, chunks: DeploymentResponseGenerator, stream: CompletionStream,
+               trace: RequestTrace) -> AsyncIterator[str]:
     """SSE lines; errors after the 200 travel in the stream; `[DONE]` ends it exactly once."""
     try:
-        async for chunk in _prepend(first, chunks):
+        async for chunk in _observed(first, chunks, trace):
             for event in stream.events(chunk):
                 yield event
     except Exception as exc:
         error = _unwrap(exc)
+        trace.status = _status(error)
         logger.exception("Request %s failed mid-stream", stream.request_id)
         yield error_event(error if type(error) is not ServiceError else None, stream.request_id)
+    except BaseException:  # the client went away: CancelledError / GeneratorExit
+        trace.status = "cancelled"
+        raise
     finally:
-        # Client gone (CancelledError) or done: make sure the replica stops generating.
+        # Client gone or done: make sure the replica stops generating.
         chunks.cancel()
+        _finish(trace)
     yield "data: [DONE]\n\n"
+
+
+@functools.cache
+def _metrics() -> RouterMetrics:
+    # Created on first use, inside the router replica's process, where Ray exports them.
+    return RouterMetrics()
+
+
+def _finish(trace: RequestTrace) -> None:
+    """Report a request's metrics and write its one log line (never the prompt)."""
+    fields = trace.report(_metrics())
+    logger.info("Request %s finished: %s", trace.request_id, " ".join(f"{k}={v}" for k, v in fields.items()))
+
+
+def _status(error: ServiceError) -> Status:
+    if isinstance(error, OverloadedError):
+        return "rejected"
+    return "client_error" if error.status_code < 500 else "server_error"
 
 
 def _unwrap(exc: BaseException) -> ServiceError:
@@ -88,7 +128,9 @@ class RequestIdMiddleware:
             return await self.app(scope, receive, send)
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _SAFE_ID.fullmatch(incoming) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["trace"] = RequestTrace(request_id, arrival=time.perf_counter())
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start" and not incoming:
@@ -110,6 +152,10 @@ def _error_response(request: Request, status: int, message: str, type_: str, cod
 
 @app.exception_handler(ServiceError)
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    trace = getattr(request.state, "trace", None)
+    if trace is not None and request.url.path.endswith(CHAT_PATH):
+        trace.status = _status(exc)
+        _finish(trace)
     message = exc.message
     if type(exc) is ServiceError:  # unexpected: never echo internals to the client
         message = f"Internal error (request id {getattr(request.state, 'request_id', None)})"
@@ -146,7 +192,7 @@ class Router:
         self._variants = variants
         self._handles = {variant: handle.options(stream=True) for variant, handle in handles.items()}
         self._args = args
-        self._media = MediaLoader(args.media)
+        self._media = MediaLoader(args.media, _metrics().media_decode)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def chat_page(self) -> str:
@@ -162,17 +208,20 @@ class Router:
     async def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=config.name) for config in self._variants.values()])
 
-    @app.post("/v1/chat/completions")
+    @app.post(CHAT_PATH)
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        request_id = request.state.request_id
+        request_id, trace = request.state.request_id, request.state.trace
         config, thinking = choose_variant(body, self._variants)
+        trace.variant = config.variant
         generation_request = await to_generation_request(
             body, thinking, request_id, self._args.default_max_tokens, self._media.load, self._args.media
         )
         chunks = self._handles[config.variant].stream.remote(generation_request)
         first = await _first(chunks)
-        if not body.stream:
-            return await collect(_prepend(first, chunks), request_id, config.name)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _sse(first, chunks, CompletionStream(request_id, config.name, include_usage))
-        return StreamingResponse(events, media_type="text/event-stream", headers=STREAM_HEADERS)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = _sse(first, chunks, CompletionStream(request_id, config.name, include_usage), trace)
+            return StreamingResponse(events, media_type="text/event-stream", headers=STREAM_HEADERS)
+        completion = await collect(_observed(first, chunks, trace), request_id, config.name)
+        _finish(trace)
+        return completion

@@ -40,7 +40,13 @@ def media_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def serve_url(tiny_checkpoints, media_dir: Path) -> Iterator[str]:
+def metrics_port() -> int:
+    """Where Ray exports Prometheus metrics for the test cluster."""
+    return _free_port()
+
+
+@pytest.fixture(scope="session")
+def serve_url(tiny_checkpoints, media_dir: Path, metrics_port: int) -> Iterator[str]:
     """Base URL of a Serve instance with two apps.
 
     At /: both variants; local paths under `media_dir` allowed; remote fetching on (so the
@@ -54,7 +60,8 @@ def serve_url(tiny_checkpoints, media_dir: Path) -> Iterator[str]:
     from serve_app import build_app
 
     port = _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
+             _system_config={"metrics_report_interval_ms": 1000})  # metrics visible within ~1 s
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     router = {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
               "media": {"local_media_dir": str(media_dir), "allow_remote": True}}

@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.gpu.yaml"])
 def test_shipped_config_args_validate_into_app_args(name):
+    from ray.serve.schema import ServeDeploySchema
+
     config = yaml.safe_load((ROOT / name).read_text())
+    ServeDeploySchema.model_validate(config)  # what `serve run` / `serve deploy` accept
     (app,) = config["applications"]
     assert app["import_path"] == "serve_app:build_app"
     args = AppArgs.model_validate(app["args"])

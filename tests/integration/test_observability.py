@@ -1,0 +1,151 @@
+"""Service metrics on Ray's Prometheus export, request ids and per-request log lines."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.integration.conftest import FULL_APP
+from tests.integration.test_service import CHAT, HELLO
+
+_SAMPLE = re.compile(r'^(\w+)\{(.*)\} ([0-9.eE+-]+)$')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    """Prometheus samples of this app's minicpm metrics, summed over replicas."""
+    samples: dict[tuple[str, frozenset], float] = defaultdict(float)
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        match = _SAMPLE.match(line)
+        if not match or not match.group(1).startswith("ray_minicpm_"):
+            continue
+        labels = dict(_LABEL.findall(match.group(2)))
+        if labels.get("application") != FULL_APP:
+            continue
+        keep = frozenset((k, v) for k, v in labels.items() if k in ("variant", "status", "kind", "le"))
+        samples[(match.group(1), keep)] += float(match.group(3))
+    return samples
+
+
+def value(samples, name: str, **labels) -> float:
+    wanted = set(labels.items())
+    return sum(v for (n, keys), v in samples.items() if n == name and wanted <= set(keys))
+
+
+def png_data_url() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), "orange").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def traffic(client, metrics_port):
+    """Known traffic and the metric deltas it caused: (before, after, usages)."""
+    before = scrape(metrics_port)
+    usage = {}
+    with client.stream("POST", CHAT, json={"model": "instruct", "messages": HELLO, "stream": True, "max_tokens": 9,
+                                           "min_tokens": 9, "stream_options": {"include_usage": True}}) as response:
+        usage["stream"] = [line for line in response.iter_lines() if '"usage"' in line]
+    answer = client.post(CHAT, json={"model": "thinking", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png_data_url()}}, {"type": "text", "text": "what?"}]}],
+        "max_tokens": 7, "min_tokens": 7}).json()
+    usage["image"] = answer["usage"]
+    with client.stream("POST", CHAT, json={"model": "thinking", "messages": HELLO, "stream": True,
+                                           "max_tokens": 3000, "min_tokens": 3000}) as response:
+        lines = response.iter_lines()
+        for _ in range(4):
+            next(lines)
+    assert client.post(CHAT, json={"messages": HELLO, "temperature": 9}).status_code == 400
+    expected_ok = 2
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        after = scrape(metrics_port)
+        if value(after, "ray_minicpm_requests_total") - value(before, "ray_minicpm_requests_total") >= 4 and \
+                value(after, "ray_minicpm_requests_total", status="ok") - \
+                value(before, "ray_minicpm_requests_total", status="ok") >= expected_ok:
+            break
+        time.sleep(0.5)
+    return before, after, usage
+
+
+def delta(traffic, name: str, **labels) -> float:
+    before, after, _ = traffic
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def test_requests_counted_by_variant_and_status(traffic):
+    assert delta(traffic, "ray_minicpm_requests_total", variant="instruct", status="ok") == 1
+    assert delta(traffic, "ray_minicpm_requests_total", variant="thinking", status="ok") == 1
+    assert delta(traffic, "ray_minicpm_requests_total", variant="thinking", status="cancelled") == 1
+    assert delta(traffic, "ray_minicpm_requests_total", status="client_error") == 1
+
+
+def test_token_counters_match_reported_usage(traffic):
+    _, _, usage = traffic
+    assert delta(traffic, "ray_minicpm_generated_tokens_total", variant="instruct") == 9
+    assert delta(traffic, "ray_minicpm_generated_tokens_total", variant="thinking") == 7
+    assert delta(traffic, "ray_minicpm_prompt_tokens_total", variant="thinking") == usage["image"]["prompt_tokens"]
+
+
+def test_latency_histograms_observe_each_request(traffic):
+    assert delta(traffic, "ray_minicpm_time_to_first_token_seconds_count") == 3  # two finished + one cancelled
+    assert delta(traffic, "ray_minicpm_inter_token_latency_seconds_count") >= 8
+    assert delta(traffic, "ray_minicpm_request_latency_seconds_count") == 4
+    assert delta(traffic, "ray_minicpm_request_latency_seconds_count", status="cancelled") == 1
+    # Every observation falls in some bucket below +Inf of the documented edges.
+    assert delta(traffic, "ray_minicpm_time_to_first_token_seconds_bucket", le="600.0") == 3
+
+
+def test_media_decode_time_is_recorded_by_kind(traffic):
+    assert delta(traffic, "ray_minicpm_media_decode_seconds_count", kind="image") == 1
+    assert delta(traffic, "ray_minicpm_media_decode_seconds_count", kind="video") == 0
+
+
+def test_active_streams_gauge_exists_per_variant_and_returns_to_zero(traffic, metrics_port):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        samples = scrape(metrics_port)
+        names = {(n, dict(k).get("variant")) for n, k in samples}
+        if {("ray_minicpm_active_streams", "instruct"), ("ray_minicpm_active_streams", "thinking")} <= names and \
+                value(samples, "ray_minicpm_active_streams") == 0:
+            return
+        time.sleep(0.5)
+    pytest.fail("active_streams did not settle at 0 for both variants")
+
+
+def serve_logs(pattern: str) -> str:
+    import ray
+
+    log_dir = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    return "\n".join(path.read_text(errors="replace") for path in log_dir.glob(pattern))
+
+
+def test_request_id_round_trips_and_reaches_router_and_replica_logs(client):
+    request_id = f"obs-{uuid.uuid4().hex[:12]}"
+    response = client.post(CHAT, json={"model": "instruct", "messages": HELLO, "max_tokens": 3},
+                           headers={"X-Request-Id": request_id})
+    assert response.headers["x-request-id"] == request_id and response.json()["id"] == request_id
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        router, replica = serve_logs(f"replica_{FULL_APP}_router_*.log"), serve_logs(f"replica_{FULL_APP}_instruct_*.log")
+        if f"Request {request_id} finished" in router and request_id in replica:
+            break
+        time.sleep(0.3)
+    line = next(line for line in router.splitlines() if f"Request {request_id} finished" in line)
+    assert "variant=instruct" in line and "status=ok" in line and "completion_tokens=3" in line and "ttft_s=" in line
+    assert f"Request {request_id} generated" in replica
+    assert "Hello there" not in router + replica, "prompt text must not be logged"
+
+
+def test_error_bodies_carry_the_request_id(client):
+    response = client.post(CHAT, json={"model": "nope", "messages": HELLO}, headers={"X-Request-Id": "err-77"})
+    assert response.json()["error"]["request_id"] == "err-77"

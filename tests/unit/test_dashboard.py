@@ -1,0 +1,32 @@
+"""The shipped Grafana dashboard queries only metrics the service defines."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from deployments import metrics
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "observability" / "grafana-dashboard.json"
+
+
+def defined_series() -> set[str]:
+    source = Path(metrics.__file__).read_text()
+    names = set()
+    for kind, name in re.findall(r'(Counter|Histogram|Gauge)\(\s*"(minicpm_\w+)"', source):
+        suffixes = {"Counter": ["_total"], "Histogram": ["_bucket", "_count", "_sum"], "Gauge": [""]}[kind]
+        names |= {f"ray_{name}{suffix}" for suffix in suffixes}
+    return names
+
+
+def test_every_service_metric_in_the_dashboard_exists():
+    queried = set(re.findall(r"ray_minicpm_\w+", DASHBOARD.read_text()))
+    assert queried, "the dashboard queries the service's metrics"
+    assert queried <= defined_series()
+
+
+def test_dashboard_is_valid_json_with_titled_panels():
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert all(panel["title"] and panel["targets"] for panel in dashboard["panels"])
+    assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
