@@ -16,7 +16,7 @@ def build_app(args: AppArgs) -> Application:
     """Bind one model deployment per configured variant (named after it) behind the router."""
     configs = args.model_configs()
     handles = {
-        variant: ModelDeployment.options(name=variant, **getattr(args, variant).deployment.serve_options()).bind(config)
+        variant: ModelDeployment.options(name=variant, **getattr(args, variant).serve_options()).bind(config)
         for variant, config in configs.items()
     }
     router = Router.options(name="router", **args.router.deployment.serve_options())

@@ -36,6 +36,14 @@ class ModelSettings(BaseModel):
     torch_threads: int | None = Field(
         default=None, gt=0, description="torch intra-op threads for CPU inference. Default: torch's choice."
     )
+    max_batch_size: int = Field(
+        default=8, ge=1, le=256,
+        description="Requests generated together in one batched generate. 1: one request at a time.",
+    )
+    batch_wait_ms: float = Field(
+        default=5.0, ge=0, le=1000,
+        description="How long a free replica waits for more requests to fill a batch before starting.",
+    )
 
 
 
@@ -65,7 +73,11 @@ class DeploymentOptions(BaseModel):
     ray_actor_options: dict = Field(
         default_factory=dict, description="Resources per replica, e.g. {num_cpus: 1, num_gpus: 1}."
     )
-    max_ongoing_requests: int = Field(default=8, ge=1, description="Requests one replica works on at once.")
+    max_ongoing_requests: int | None = Field(
+        default=None, ge=1,
+        description="Requests one replica accepts at once. Model deployments default to 2 x max_batch_size "
+        "(one batch generating, one waiting); the router to 256.",
+    )
     max_queued_requests: int = Field(
         default=64, ge=-1, description="Requests waiting for a replica before new ones get 503 (-1: unbounded)."
     )
@@ -90,6 +102,19 @@ class VariantArgs(BaseModel):
 
     model: ModelSettings = Field(default_factory=ModelSettings)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    def serve_options(self) -> dict:
+        """Deployment options with queue sizes derived from the batch size where not set.
+
+        A replica takes 2 batches of requests (one generating, one waiting), and the autoscaler
+        aims at one full batch per replica, so replicas are added only when batches are full.
+        """
+        options = self.deployment.serve_options()
+        batch = self.model.max_batch_size
+        options.setdefault("max_ongoing_requests", 2 * batch)
+        if "autoscaling_config" in options:
+            options["autoscaling_config"] = {"target_ongoing_requests": batch, **options["autoscaling_config"]}
+        return options
 
 
 class MediaConfig(BaseModel):

@@ -1,25 +1,24 @@
 """The generation engine one model replica runs: plain Python, testable without Ray.
 
-`Engine.stream(request)` renders the prompt with the checkpoint's chat template, runs
-`model.generate` in a worker thread, and yields typed `Chunk`s as tokens arrive. Tokens reach
-the event loop through `call_soon_threadsafe`, so a stream holds no thread while it waits.
-Closing or cancelling the stream stops generation within one decode step.
+`Engine.stream(request)` renders the prompt with the checkpoint's chat template, hands it to the
+replica's batch runner (which generates it together with other waiting requests in one
+`model.generate`), and yields typed `Chunk`s as tokens arrive. Tokens reach the event loop
+through `call_soon_threadsafe`, so a stream holds no thread while it waits. Closing or
+cancelling the stream stops its row within one decode step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 from transformers.video_utils import VideoMetadata
 
 from deployments import checkpoint
+from deployments.batching import DONE, BatchRunner, Slot
 from deployments.config import ModelConfig
 from deployments.errors import ContextLengthError
 from deployments.sampling import build_logits_processors
@@ -27,34 +26,6 @@ from deployments.textstream import THINK_CLOSE, THINK_OPEN, IncrementalDetokeniz
 from deployments.types import Chunk, GenerationRequest, SamplingParams, Usage, Video
 
 logger = logging.getLogger("ray.serve")
-
-_DONE = object()
-
-
-class _CancelCriteria(StoppingCriteria):
-    def __init__(self, event: threading.Event) -> None:
-        self._event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class _LoopStreamer(BaseStreamer):
-    """Hands each new token id to an asyncio queue from the generation thread."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
-        self._loop, self._queue = loop, queue
-        self._seen_prompt = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._seen_prompt:  # generate() first hands over the prompt
-            self._seen_prompt = True
-            return
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, _DONE)
-
 
 @dataclass
 class _Prepared:
@@ -79,12 +50,15 @@ class Engine:
         self.defaults = self.model.generation_config
         eos = self.defaults.eos_token_id
         self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self._threads: set[threading.Thread] = set()
+        pad = self.defaults.pad_token_id if self.defaults.pad_token_id is not None else self.tokenizer.pad_token_id
+        self.runner = BatchRunner(
+            self.model.generate, {"pad_token_id": pad}, config.max_batch_size, config.batch_wait_ms / 1000
+        )
 
     @property
     def running(self) -> int:
-        """Generation threads alive now (0 when every stream has ended or been cancelled)."""
-        return sum(t.is_alive() for t in list(self._threads))
+        """Sequences being generated or waiting for a batch (0 once every stream ended or was cancelled)."""
+        return self.runner.running
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Yield text chunks as they are generated, then one final chunk with finish_reason and usage.
@@ -92,17 +66,14 @@ class Engine:
         Raises ContextLengthError before generating when the prompt plus max_tokens do not fit.
         """
         prepared = await asyncio.to_thread(self.prepare, request)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        stop_event = threading.Event()
-        thread = threading.Thread(
-            target=self._generate, args=(prepared, _LoopStreamer(loop, queue), stop_event, loop, queue),
-            name=f"generate-{request.request_id or id(request)}", daemon=True,
+        slot = Slot(
+            inputs=prepared.inputs, max_tokens=prepared.sampling.max_tokens, min_tokens=prepared.sampling.min_tokens,
+            processors=build_logits_processors(**self._resolve_sampling(prepared.sampling), device=self.model.device),
+            eos_ids=prepared.eos_ids, loop=asyncio.get_running_loop(),
         )
-        self._threads = {t for t in self._threads if t.is_alive()} | {thread}
-        thread.start()
+        self.runner.submit(slot)
         try:
-            async for chunk in self._decode(prepared, request.enable_thinking, queue, stop_event):
+            async for chunk in self._decode(prepared, request.enable_thinking, slot):
                 if chunk.usage:
                     logger.info("Request %s generated: finish_reason=%s prompt_tokens=%d completion_tokens=%d",
                                 request.request_id, chunk.finish_reason, chunk.usage.prompt_tokens,
@@ -113,7 +84,7 @@ class Engine:
             raise
         finally:
             # Reached on normal end, on error, and when the consumer cancels or closes us.
-            stop_event.set()
+            slot.stop.set()
 
     def prepare(self, request: GenerationRequest) -> _Prepared:
         """Render and tokenize the prompt (and process images/videos); check the context fits."""
@@ -140,25 +111,6 @@ class Engine:
             sampling=request.sampling, eos_ids=self._eos_ids,
         )
 
-    def _generate(self, prepared: _Prepared, streamer: _LoopStreamer, stop_event: threading.Event,
-                  loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
-        params = prepared.sampling
-        processors = build_logits_processors(**self._resolve_sampling(params), device=self.model.device)
-        generation_config = GenerationConfig(
-            max_new_tokens=params.max_tokens, min_new_tokens=params.min_tokens, do_sample=False,
-            eos_token_id=list(prepared.eos_ids), pad_token_id=self.defaults.pad_token_id,
-        )
-        try:
-            with torch.inference_mode():
-                self.model.generate(
-                    **prepared.inputs, generation_config=generation_config, streamer=streamer,
-                    logits_processor=processors, stopping_criteria=StoppingCriteriaList([_CancelCriteria(stop_event)]),
-                )
-        except Exception as exc:  # handed to the consumer, which re-raises it in the request
-            logger.exception("Generation failed")
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
-            loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-
     def _resolve_sampling(self, params: SamplingParams) -> dict:
         """Request values, else the checkpoint's generation_config, else neutral values."""
         defaults = self.defaults
@@ -171,22 +123,21 @@ class Engine:
             "seed": params.seed,
         }
 
-    async def _decode(self, prepared: _Prepared, enable_thinking: bool, queue: asyncio.Queue,
-                      stop_event: threading.Event) -> AsyncIterator[Chunk]:
+    async def _decode(self, prepared: _Prepared, enable_thinking: bool, slot: Slot) -> AsyncIterator[Chunk]:
         detokenizer = IncrementalDetokenizer(self.tokenizer)
         stops = StopMatcher(prepared.sampling.stop)
         splitter = ReasoningSplitter(
             in_reasoning=enable_thinking and prepared.opens_think_block, may_open=enable_thinking
         )
         completion_tokens, last_id = 0, None
-        while (item := await queue.get()) is not _DONE:
+        while (item := await slot.tokens.get()) is not DONE:
             if isinstance(item, Exception):
                 raise item
             completion_tokens += len(item)
             last_id = item[-1]
             text = stops.feed(detokenizer.add(item))
             if stops.stopped:
-                stop_event.set()
+                slot.stop.set()
             reasoning, answer = splitter.feed(text)
             if reasoning or answer:
                 yield Chunk(reasoning=reasoning, content=answer)

@@ -61,3 +61,15 @@ def test_deployment_without_replica_settings_gets_one_replica():
     assert DeploymentOptions().serve_options()["num_replicas"] == 1
     options = DeploymentOptions(autoscaling_config={"min_replicas": 1, "max_replicas": 3}).serve_options()
     assert "num_replicas" not in options and options["autoscaling_config"]["max_replicas"] == 3
+
+
+def test_queue_sizes_follow_the_batch_size_unless_set():
+    from deployments.config import VariantArgs
+
+    derived = VariantArgs.model_validate({"model": {"max_batch_size": 6},
+                                          "deployment": {"autoscaling_config": {"max_replicas": 3}}}).serve_options()
+    assert derived["max_ongoing_requests"] == 12
+    assert derived["autoscaling_config"] == {"target_ongoing_requests": 6, "max_replicas": 3}
+    explicit = VariantArgs.model_validate({"model": {"max_batch_size": 6}, "deployment": {
+        "max_ongoing_requests": 3, "autoscaling_config": {"target_ongoing_requests": 1}}}).serve_options()
+    assert explicit["max_ongoing_requests"] == 3 and explicit["autoscaling_config"]["target_ongoing_requests"] == 1
