@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: serve test browser build-preset clean
+.PHONY: serve test bench browser build-preset clean
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ browser:  ## Debian's chromium for the browser tests (no browser download at tes
 
 test: $(STAMP) browser  ## Run the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)  ## Throughput benchmark: in-process generate vs the service over HTTP (see BENCHMARKS.md)
+	$(BIN)/python -m benchmarks.throughput $(BENCH_ARGS)
 
 build-preset: $(STAMP)  ## Build a random-weight preset: make build-preset PRESET=small VARIANT=thinking OUT=checkpoints/small-thinking
 	$(BIN)/python -m deployments.presets build $(PRESET) --variant $(VARIANT) --out $(OUT)

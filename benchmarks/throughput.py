@@ -1,0 +1,204 @@
+"""Throughput benchmark: in-process `model.generate` against the running service over HTTP.
+
+    python -m benchmarks.throughput                      # CPU: the `small` preset
+    python -m benchmarks.throughput --preset full-size   # GPU: real dimensions
+
+In one run on one machine it measures the in-process baseline (plain `generate`, tokens/s and
+time to first token), then starts Ray Serve with one replica of the same checkpoint and streams
+over HTTP at each concurrency, and prints the ratios that matter. Raw numbers go to JSON, a plot
+to PNG. Every request asks for exactly `--tokens` tokens (min_tokens), so random weights cannot
+end early.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+PROMPT = "Write a long story about a lighthouse keeper and the sea."
+
+
+class _FirstToken(BaseStreamer):
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self._calls = 0
+
+    def put(self, value) -> None:
+        self._calls += 1
+        if self._calls == 2 and self.first is None:  # call 1 is the prompt
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def in_process(checkpoint: str, tokens: int, runs: int, threads: int) -> dict:
+    """Plain transformers: processor + generate, greedy, exactly `tokens` new tokens."""
+    from deployments import checkpoint as ckpt
+
+    torch.set_num_threads(threads)
+    processor, model = ckpt.load(checkpoint, "instruct")
+    messages = [{"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
+    ttfts, rates = [], []
+    for run in range(runs + 1):
+        started = time.perf_counter()
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt", enable_thinking=False).to(model.device)
+        streamer = _FirstToken()
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, streamer=streamer)
+        elapsed = time.perf_counter() - started
+        if run:  # the first run warms up
+            ttfts.append(streamer.first - started)
+            rates.append(tokens / elapsed)
+    return {"ttft_p50_s": statistics.median(ttfts), "tokens_per_s": statistics.median(rates), "runs": runs}
+
+
+async def _stream_once(client: httpx.AsyncClient, tokens: int) -> tuple[float, float, int]:
+    body = {"model": "instruct", "messages": [{"role": "user", "content": PROMPT}], "stream": True,
+            "max_tokens": tokens, "min_tokens": tokens, "temperature": 0, "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    first, completion = None, 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if first is None and ('"content":"' in line or '"reasoning_content"' in line) and '"content":""' not in line:
+                first = time.perf_counter()
+            if '"usage"' in line and '"choices":[]' in line:
+                completion = json.loads(line[len("data: "):])["usage"]["completion_tokens"]
+    return first - started, time.perf_counter() - started, completion
+
+
+async def over_http(url: str, tokens: int, concurrency: int, rounds: int) -> dict:
+    """`concurrency` streams at once, `rounds` times; one shared keep-alive client."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        await _stream_once(client, 4)  # warm up connections and the replica
+        ttfts, per_stream, total_tokens = [], [], 0
+        started = time.perf_counter()
+        for _ in range(rounds):
+            results = await asyncio.gather(*(_stream_once(client, tokens) for _ in range(concurrency)))
+            for ttft, duration, completion in results:
+                ttfts.append(ttft)
+                per_stream.append(completion / duration)
+                total_tokens += completion
+        wall = time.perf_counter() - started
+    ttfts.sort()
+    return {"concurrency": concurrency, "requests": len(ttfts), "ttft_p50_s": statistics.median(ttfts),
+            "ttft_p95_s": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
+            "tokens_per_s_per_stream": statistics.median(per_stream), "aggregate_tokens_per_s": total_tokens / wall}
+
+
+def start_service(checkpoint: str, batch: int, threads: int) -> str:
+    import ray
+    from ray import serve
+
+    from deployments.config import AppArgs
+    from serve_app import build_app
+
+    port = _free_port()
+    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    gpu = 1 if torch.cuda.is_available() else 0
+    args = AppArgs.model_validate({
+        "instruct": {"model": {"checkpoint": checkpoint, "max_batch_size": batch, "torch_threads": threads,
+                               "max_model_len": 32768},
+                     "deployment": {"num_replicas": 1, "max_queued_requests": 256,
+                                    "ray_actor_options": {"num_cpus": 1, "num_gpus": gpu}}},
+        "thinking": None,
+        "router": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}},
+    })
+    serve.run(build_app(args), name="bench", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = results["service"]
+    xs = [r["concurrency"] for r in levels]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(xs, [r["aggregate_tokens_per_s"] for r in levels], "o-", label="service, aggregate")
+    left.plot(xs, [r["tokens_per_s_per_stream"] for r in levels], "s-", label="service, per stream")
+    left.axhline(results["in_process"]["tokens_per_s"], color="gray", ls="--", label="in-process generate")
+    left.set(xlabel="concurrent streams", ylabel="tokens/s", title="Throughput")
+    left.legend()
+    right.plot(xs, [r["ttft_p50_s"] * 1000 for r in levels], "o-", label="p50")
+    right.plot(xs, [r["ttft_p95_s"] * 1000 for r in levels], "s-", label="p95")
+    right.axhline(results["in_process"]["ttft_p50_s"] * 1000, color="gray", ls="--", label="in-process p50")
+    right.set(xlabel="concurrent streams", ylabel="ms", title="Time to first token")
+    right.legend()
+    fig.suptitle(f"{results['checkpoint']} on {results['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default=None, help="small (CPU default) or full-size (GPU default)")
+    parser.add_argument("--checkpoint", default=None, help="a checkpoint directory or hub id instead of a preset")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per request")
+    parser.add_argument("--concurrency", default="1,4,8,16")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of requests at each concurrency")
+    parser.add_argument("--batch", type=int, default=16, help="max_batch_size of the replica")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (CPU)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = parser.parse_args()
+
+    preset = args.preset or ("full-size" if torch.cuda.is_available() else "small")
+    checkpoint = args.checkpoint or f"preset:{preset}"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
+    print(f"Benchmark: {checkpoint} on {device}, {args.tokens} tokens per request")
+    baseline = in_process(checkpoint, args.tokens, runs=3, threads=args.threads)
+    print(f"in-process generate: {baseline['tokens_per_s']:.1f} tok/s, TTFT p50 {baseline['ttft_p50_s'] * 1000:.1f} ms")
+
+    url = start_service(checkpoint, args.batch, args.threads)
+    levels = []
+    for concurrency in (int(c) for c in args.concurrency.split(",")):
+        level = asyncio.run(over_http(url, args.tokens, concurrency, args.rounds))
+        levels.append(level)
+        print(f"HTTP x{concurrency:<3} TTFT p50 {level['ttft_p50_s'] * 1000:7.1f} ms  p95 "
+              f"{level['ttft_p95_s'] * 1000:7.1f} ms  per stream {level['tokens_per_s_per_stream']:6.1f} tok/s  "
+              f"aggregate {level['aggregate_tokens_per_s']:7.1f} tok/s")
+
+    by_c = {level["concurrency"]: level for level in levels}
+    ratios = {}
+    if 1 in by_c:
+        ratios["http_single_stream_over_in_process"] = by_c[1]["tokens_per_s_per_stream"] / baseline["tokens_per_s"]
+        ratios["ttft_overhead_p50_ms"] = (by_c[1]["ttft_p50_s"] - baseline["ttft_p50_s"]) * 1000
+        if 8 in by_c:
+            ratios["aggregate_8_over_1"] = by_c[8]["aggregate_tokens_per_s"] / by_c[1]["aggregate_tokens_per_s"]
+    print("ratios:", ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
+    print("targets: http_single_stream_over_in_process >= 0.90, ttft_overhead_p50_ms <= 50, aggregate_8_over_1 >= 3")
+
+    results = {"checkpoint": checkpoint, "device": device, "tokens": args.tokens, "batch": args.batch,
+               "threads": args.threads, "in_process": baseline, "service": levels, "ratios": ratios,
+               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"throughput-{preset if not args.checkpoint else 'checkpoint'}"
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    plot(results, args.out / f"{stem}.png")
+    print(f"wrote {args.out / stem}.json and .png")
+
+
+if __name__ == "__main__":
+    main()
