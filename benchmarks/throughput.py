@@ -99,7 +99,7 @@ async def over_http(url: str, tokens: int, concurrency: int, rounds: int) -> dic
             "tokens_per_s_per_stream": statistics.median(per_stream), "aggregate_tokens_per_s": total_tokens / wall}
 
 
-def start_service(checkpoint: str, batch: int, threads: int) -> str:
+def start_service(checkpoint: str, batch: int, batch_wait_ms: float, threads: int) -> str:
     import ray
     from ray import serve
 
@@ -111,7 +111,8 @@ def start_service(checkpoint: str, batch: int, threads: int) -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     gpu = 1 if torch.cuda.is_available() else 0
     args = AppArgs.model_validate({
-        "instruct": {"model": {"checkpoint": checkpoint, "max_batch_size": batch, "torch_threads": threads,
+        "instruct": {"model": {"checkpoint": checkpoint, "max_batch_size": batch, "batch_wait_ms": batch_wait_ms,
+                               "torch_threads": threads,
                                "max_model_len": 32768},
                      "deployment": {"num_replicas": 1, "max_queued_requests": 256,
                                     "ray_actor_options": {"num_cpus": 1, "num_gpus": gpu}}},
@@ -160,6 +161,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of requests at each concurrency")
     parser.add_argument("--batch", type=int, default=16, help="max_batch_size of the replica")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="batch_wait_ms of the replica")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (CPU)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args()
@@ -171,7 +173,7 @@ def main() -> None:
     baseline = in_process(checkpoint, args.tokens, runs=3, threads=args.threads)
     print(f"in-process generate: {baseline['tokens_per_s']:.1f} tok/s, TTFT p50 {baseline['ttft_p50_s'] * 1000:.1f} ms")
 
-    url = start_service(checkpoint, args.batch, args.threads)
+    url = start_service(checkpoint, args.batch, args.batch_wait_ms, args.threads)
     levels = []
     for concurrency in (int(c) for c in args.concurrency.split(",")):
         level = asyncio.run(over_http(url, args.tokens, concurrency, args.rounds))
@@ -190,11 +192,11 @@ def main() -> None:
     print("ratios:", ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
     print("targets: http_single_stream_over_in_process >= 0.90, ttft_overhead_p50_ms <= 50, aggregate_8_over_1 >= 3")
 
-    results = {"checkpoint": checkpoint, "device": device, "tokens": args.tokens, "batch": args.batch,
+    results = {"checkpoint": checkpoint, "device": device, "tokens": args.tokens, "batch": args.batch, "batch_wait_ms": args.batch_wait_ms,
                "threads": args.threads, "in_process": baseline, "service": levels, "ratios": ratios,
                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"throughput-{preset if not args.checkpoint else 'checkpoint'}"
+    stem = f"throughput-{preset if not args.checkpoint else 'checkpoint'}-wait{args.batch_wait_ms:g}ms"
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     plot(results, args.out / f"{stem}.png")
     print(f"wrote {args.out / stem}.json and .png")

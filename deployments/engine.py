@@ -130,19 +130,19 @@ class Engine:
             in_reasoning=enable_thinking and prepared.opens_think_block, may_open=enable_thinking
         )
         completion_tokens, last_id = 0, None
-        while (item := await slot.tokens.get()) is not DONE:
-            if isinstance(item, Exception):
-                raise item
-            completion_tokens += len(item)
-            last_id = item[-1]
-            text = stops.feed(detokenizer.add(item))
+        ended = False
+        while not ended and not stops.stopped:
+            ids, ended = await _drain(slot.tokens)
+            if not ids:
+                continue
+            completion_tokens += len(ids)
+            last_id = ids[-1]
+            text = stops.feed(detokenizer.add(ids))
             if stops.stopped:
                 slot.stop.set()
             reasoning, answer = splitter.feed(text)
             if reasoning or answer:
                 yield Chunk(reasoning=reasoning, content=answer)
-            if stops.stopped:
-                break
         if not stops.stopped:
             reasoning, answer = splitter.feed(stops.feed(detokenizer.flush()) + stops.flush())
             tail_reasoning, tail_answer = splitter.flush()
@@ -152,6 +152,25 @@ class Engine:
             finish_reason="stop" if stops.stopped or last_id in prepared.eos_ids else "length",
             usage=Usage(prepared.prompt_tokens, completion_tokens),
         )
+
+
+async def _drain(tokens: asyncio.Queue) -> tuple[list[int], bool]:
+    """Every token id queued now (waiting for at least one item), and whether the row ended.
+
+    Under load the consumer falls behind the generator; merging what queued up meanwhile into one
+    chunk keeps the number of chunks, and of Ray messages per token, down. Raises a generation error.
+    """
+    ids: list[int] = []
+    item = await tokens.get()
+    while True:
+        if item is DONE:
+            return ids, True
+        if isinstance(item, Exception):
+            raise item
+        ids.extend(item)
+        if tokens.empty():
+            return ids, False
+        item = tokens.get_nowait()
 
 
 def _pick(*values):

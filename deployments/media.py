@@ -5,8 +5,9 @@ fails fast with a 4xx before a (GPU) replica is tied up, and decoding CPU stays 
 machines. The price is moving decoded pixels to the replica through Ray's object store: frames
 are sampled here first (at most `max_video_frames`), and passing 32 sampled frames to another
 Ray process measured 34 ms at 640x480 (29 MB) and 60 ms at 1280x720 (88 MB) on a 2-core CPU
-machine, small beside decoding the video and prefilling its visual tokens. Blocking decode work runs in threads, bounded by a semaphore, so the router's event loop keeps
-streaming other requests meanwhile.
+machine, small beside decoding the video and prefilling its visual tokens. Blocking decode work
+runs in threads (videos in worker processes, see VideoDecoder), bounded by a semaphore, so the
+router's event loop keeps streaming other requests meanwhile.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ import binascii
 import io
 import ipaddress
 import math
+import multiprocessing
 import socket
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
@@ -47,6 +52,42 @@ class MediaRefusedError(BadRequestError):
     code = "media_refused"
 
 
+class VideoDecoder:
+    """Runs `decode_video` in worker processes.
+
+    decord's native code can crash the whole process on some corrupt files (seen: a damaged
+    AVI, segmentation fault in VideoReader's constructor). In a worker that costs one worker,
+    which is replaced, instead of the router and every stream it carries.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self._workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def decode(self, data: bytes, fps: float, max_frames: int, max_duration_s: float) -> Video:
+        """Blocking; call from a thread. Raises MediaError, also when the worker crashed."""
+        pool = self._current_pool()
+        try:
+            return pool.submit(decode_video, data, fps, max_frames, max_duration_s).result()
+        except BrokenProcessPool:
+            self._replace(pool)
+            raise MediaError("The video could not be decoded: the decoder crashed on this file") from None
+
+    def _current_pool(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                # spawn, not fork: the router process runs threads and an event loop.
+                self._pool = ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context("spawn"))
+            return self._pool
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is broken:
+                self._pool = None
+        broken.shutdown(wait=False, cancel_futures=True)
+
+
 class MediaLoader:
     """Turns `image_url` / `video_url` parts into PIL images and sampled `Video`s."""
 
@@ -54,6 +95,7 @@ class MediaLoader:
         self.config = config
         self._decoding = asyncio.Semaphore(config.max_concurrent_decodes)
         self._decode_seconds = decode_seconds
+        self._videos = VideoDecoder(config.max_concurrent_decodes)
 
     async def load(self, part: ImagePart | VideoPart) -> Image.Image | Video:
         """Fetch and decode one part. Raises MediaError / MediaRefusedError / PayloadTooLargeError."""
@@ -73,9 +115,7 @@ class MediaLoader:
         fps = min(part.video_url.fps or self.config.video_fps, self.config.video_fps_cap)
         max_frames = min(part.video_url.max_frames or self.config.max_video_frames, self.config.max_video_frames)
         async with self._decoding:
-            return await asyncio.to_thread(
-                decode_video, data, fps, max_frames, self.config.max_video_duration_s
-            )
+            return await asyncio.to_thread(self._videos.decode, data, fps, max_frames, self.config.max_video_duration_s)
 
     async def _read(self, url: str, kind: str, max_bytes: int) -> bytes:
         scheme = urlsplit(url).scheme.lower()
@@ -135,7 +175,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise MediaError("The image could not be decoded: not a supported image file") from None
     except OSError:
         raise MediaError("The image could not be decoded: the file is corrupt or truncated") from None
-    if image.mode in ("RGBA", "LA", "P", "PA"):
+    if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
         # Transparent pixels go on white, not on whatever colour they happen to store.
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))

@@ -1,0 +1,523 @@
+"""Fetching and decoding images and videos (deployments/media.py), without Ray.
+
+Media is made in memory (Pillow for images, PyAV for videos); remote fetching is exercised
+against a real aiohttp server on 127.0.0.1 started by the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import math
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from aiohttp import web
+from PIL import Image, ImageFile
+
+from deployments.config import MediaConfig
+from deployments.errors import PayloadTooLargeError
+from deployments.media import (
+    MediaError,
+    MediaLoader,
+    MediaRefusedError,
+    decode_image,
+    decode_video,
+    fetch,
+    read_data_url,
+    read_local,
+)
+from deployments.schemas import VideoPart
+
+MiB = 1024 * 1024
+RED, BLUE = (220, 20, 20), (20, 20, 220)
+
+# ---- media made in memory (also imported by tests/integration/test_media_http.py) ----
+
+
+def image_bytes(fmt: str, size: tuple[int, int] = (40, 20), color=RED, mode: str = "RGB", **save) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+def gif_two_frames(size: tuple[int, int] = (40, 20)) -> bytes:
+    """An animated GIF: a red frame, then a blue one."""
+    frames = [Image.new("RGB", size, RED), Image.new("RGB", size, BLUE)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buffer.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def solid_png(width: int, height: int, color=RED, idat: bool = True) -> bytes:
+    """A solid-colour RGB PNG written directly (fast and tiny even at 7000x7000).
+
+    idat=False leaves the pixel data out: only the header claims the size.
+    """
+    header = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    if not idat:
+        return header + _png_chunk(b"IEND", b"")
+    compressor = zlib.compressobj(1)
+    row = b"\x00" + bytes(color) * width
+    rows_per_block = max(1, 4 * MiB // len(row))
+    blocks, rest = divmod(height, rows_per_block)
+    data = b"".join(compressor.compress(row * rows_per_block) for _ in range(blocks))
+    data += compressor.compress(row * rest) + compressor.flush()
+    return header + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+
+
+# container format -> (PyAV muxer, encoder)
+VIDEO_FORMATS = {
+    "mp4": ("mp4", "libx264"),
+    "mov": ("mov", "libx264"),
+    "mkv": ("matroska", "libx264"),
+    "webm": ("webm", "libvpx-vp9"),
+    "avi": ("avi", "mpeg4"),
+}
+
+
+def encoder_available(name: str) -> bool:
+    try:
+        av.codec.Codec(name, "w")
+    except Exception:
+        return False
+    return True
+
+
+def require_encoder(container: str) -> None:
+    encoder = VIDEO_FORMATS[container][1]
+    if not encoder_available(encoder):
+        pytest.skip(f"PyAV in this environment has no '{encoder}' encoder for {container}")
+
+
+def video_bytes(container: str = "mp4", frames: int = 20, size: tuple[int, int] = (64, 48), fps: int = 10) -> bytes:
+    """A video whose frame i has red level 12*i (so decoded frames show which index they are)."""
+    muxer, encoder = VIDEO_FORMATS[container]
+    width, height = size
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=muxer) as output:
+        stream = output.add_stream(encoder, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index in range(frames):
+            pixels = np.zeros((height, width, 3), np.uint8)
+            pixels[..., 0] = 12 * index
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                output.mux(packet)
+        for packet in stream.encode():
+            output.mux(packet)
+    return buffer.getvalue()
+
+
+def data_url(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+# ---- decode_image ----
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP"])
+def test_decode_image_supported_formats_give_rgb_of_the_right_size(fmt):
+    image = decode_image(image_bytes(fmt, (40, 20)), max_pixels=10**6)
+    assert image.mode == "RGB" and image.size == (40, 20)
+    red, green, blue = image.getpixel((5, 5))
+    assert red > 180 and green < 60 and blue < 60  # the colour survived, within JPEG/WebP loss
+
+
+def test_decode_image_animated_gif_returns_the_first_frame_as_rgb():
+    image = decode_image(gif_two_frames((40, 20)), max_pixels=10**6)
+    assert image.mode == "RGB" and image.size == (40, 20)
+    red, _, blue = image.getpixel((5, 5))
+    assert red > 180 and blue < 60, "the first (red) frame, not the second (blue) one"
+
+
+def test_decode_image_transparent_rgba_pixels_become_white():
+    source = Image.new("RGBA", (4, 4), (0, 0, 0, 0))  # transparent black
+    source.putpixel((1, 1), (255, 0, 0, 255))  # one opaque red pixel
+    buffer = io.BytesIO()
+    source.save(buffer, "PNG")
+    image = decode_image(buffer.getvalue(), max_pixels=10**6)
+    assert image.mode == "RGB"
+    assert image.getpixel((0, 0)) == (255, 255, 255)
+    assert image.getpixel((1, 1)) == (255, 0, 0)
+
+
+def test_decode_image_applies_exif_orientation():
+    source = Image.new("RGB", (40, 20), RED)
+    exif = source.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    source.save(buffer, "JPEG", exif=exif)
+    assert decode_image(buffer.getvalue(), max_pixels=10**6).size == (20, 40)
+
+
+def test_decode_image_refuses_tiff_naming_the_supported_formats():
+    with pytest.raises(MediaError) as error:
+        decode_image(image_bytes("TIFF"), max_pixels=10**6)
+    assert "TIFF" in error.value.message
+    for name in ("PNG", "JPEG", "WebP", "GIF", "BMP"):
+        assert name in error.value.message
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_decode_image_truncated_file_is_corrupt_or_truncated(fmt):
+    data = image_bytes(fmt, (200, 200))
+    with pytest.raises(MediaError, match="corrupt or truncated"):
+        decode_image(data[: len(data) // 2], max_pixels=10**6)
+
+
+def test_decode_image_random_bytes_are_refused():
+    with pytest.raises(MediaError, match="could not be decoded"):
+        decode_image(np.random.default_rng(0).bytes(4096), max_pixels=10**6)
+
+
+def test_decode_image_over_max_pixels_is_refused_before_decoding(monkeypatch):
+    loads = []
+    original_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self) or original_load(self))
+    with pytest.raises(MediaError) as error:
+        decode_image(solid_png(5000, 5000), max_pixels=1_000_000)
+    assert "25000000" in error.value.message and "1000000" in error.value.message
+    assert loads == [], "the pixels must not be decoded"
+
+
+def test_decode_image_header_claiming_too_many_pixels_is_refused_without_pixel_data():
+    # Had it tried to decode, the missing pixel data would read as "corrupt or truncated".
+    with pytest.raises(MediaError, match="the limit is 1000000"):
+        decode_image(solid_png(5000, 5000, idat=False), max_pixels=1_000_000)
+
+
+def test_decode_image_beyond_pillows_own_bomb_cap_names_the_pixel_limit():
+    # 400M pixels trips Pillow's DecompressionBombError at open: still a pixel-limit message.
+    with pytest.raises(MediaError, match="more pixels than the limit of 40000000"):
+        decode_image(solid_png(20000, 20000, idat=False), max_pixels=40_000_000)
+
+
+# ---- decode_video ----
+
+
+@pytest.mark.parametrize("container", list(VIDEO_FORMATS))
+def test_decode_video_samples_at_the_requested_fps_spread_evenly(container):
+    require_encoder(container)
+    video = decode_video(video_bytes(container), fps=2.0, max_frames=32, max_duration_s=600)
+    assert video.total_num_frames == 20
+    assert video.fps == pytest.approx(10.0)
+    assert video.duration == pytest.approx(2.0)
+    assert len(video.frame_indices) == math.ceil(2.0 * 2) == 4
+    assert video.frame_indices == [0, 6, 13, 19]
+    assert video.frames.shape == (4, 48, 64, 3) and video.frames.dtype == np.uint8
+    # The decoded frames are the ones named by frame_indices (red level 12 * index).
+    reds = [int(frame[..., 0].mean()) for frame in video.frames]
+    assert reds == pytest.approx([12 * i for i in video.frame_indices], abs=8)
+
+
+def test_decode_video_max_frames_caps_the_sample():
+    video = decode_video(video_bytes("mp4"), fps=8.0, max_frames=3, max_duration_s=600)
+    assert video.frame_indices == [0, 10, 19]
+    assert video.frames.shape[0] == 3
+
+
+def test_decode_video_longer_than_max_duration_is_refused_naming_the_limit():
+    with pytest.raises(MediaError, match=r"2\.0 s long; the limit is 1\.5 s"):
+        decode_video(video_bytes("mp4"), fps=2.0, max_frames=32, max_duration_s=1.5)
+
+
+@pytest.mark.parametrize("container", ["mp4", "mkv"])
+@pytest.mark.parametrize("keep", [0.05, 0.25, 0.5, 0.62, 0.75, 0.9])
+def test_decode_video_truncated_file_is_a_media_error(container, keep):
+    # Before the fix, decord's DECORDError (not a RuntimeError) escaped here: a 500, not a 400.
+    data = video_bytes(container)
+    truncated = data[: int(len(data) * keep)]
+    try:
+        video = decode_video(truncated, fps=2.0, max_frames=32, max_duration_s=600)
+    except MediaError as error:
+        assert "corrupt or truncated" in error.message
+    else:  # a container may still yield the frames before the cut; never more than it had
+        assert container != "mp4", "an mp4 without its index (written last) cannot be decoded"
+        assert 0 < video.total_num_frames <= 20
+
+
+def test_decode_video_non_video_bytes_are_an_unsupported_format():
+    with pytest.raises(MediaError, match="Unsupported video format"):
+        decode_video(image_bytes("PNG"), fps=2.0, max_frames=32, max_duration_s=600)
+
+
+# ---- read_data_url ----
+
+
+def test_read_data_url_returns_the_decoded_bytes():
+    assert read_data_url(data_url(b"\x00\x01hello", "image/png"), "image", 1024) == b"\x00\x01hello"
+
+
+@pytest.mark.parametrize("url", ["data:image/png,rawbytes", "data:image/png;charset=utf-8,abc", "data:nocomma"])
+def test_read_data_url_that_is_not_base64_is_refused(url):
+    with pytest.raises(MediaError, match="must be base64"):
+        read_data_url(url, "image", 1024)
+
+
+def test_read_data_url_with_bad_base64_is_refused():
+    with pytest.raises(MediaError, match="not valid base64"):
+        read_data_url("data:image/png;base64,@@not*base64@@", "image", 1024)
+
+
+def test_read_data_url_oversize_is_413_before_decoding():
+    # The payload is not even valid base64: the size check must refuse it first.
+    with pytest.raises(PayloadTooLargeError) as error:
+        read_data_url("data:image/png;base64," + "@" * (4 * MiB), "image", MiB)
+    assert error.value.status_code == 413
+    assert "1 MiB" in error.value.message
+
+
+# ---- read_local ----
+
+
+@pytest.fixture
+def media_root(tmp_path):
+    root = tmp_path / "media"
+    root.mkdir()
+    (root / "inside.png").write_bytes(b"inside")
+    (tmp_path / "outside.png").write_bytes(b"outside")
+    return root
+
+
+def test_read_local_is_off_without_a_media_dir_and_says_how_to_turn_it_on(media_root):
+    with pytest.raises(MediaRefusedError, match="media.local_media_dir"):
+        read_local(str(media_root / "inside.png"), "image", MiB, None)
+
+
+def test_read_local_reads_a_file_inside_the_dir_by_relative_and_absolute_path(media_root):
+    assert read_local("inside.png", "image", MiB, str(media_root)) == b"inside"
+    assert read_local(str(media_root / "inside.png"), "image", MiB, str(media_root)) == b"inside"
+
+
+def test_read_local_reads_a_file_url_inside_the_dir(media_root):
+    assert read_local((media_root / "inside.png").as_uri(), "image", MiB, str(media_root)) == b"inside"
+
+
+@pytest.mark.parametrize("path", ["../outside.png", "{root}/../outside.png", "{tmp}/outside.png", "/etc/hostname"])
+def test_read_local_path_outside_the_dir_is_refused(media_root, path):
+    path = path.format(root=media_root, tmp=media_root.parent)
+    with pytest.raises(MediaRefusedError, match="outside the media directory"):
+        read_local(path, "image", MiB, str(media_root))
+
+
+def test_read_local_file_url_outside_the_dir_is_refused(media_root):
+    with pytest.raises(MediaRefusedError, match="outside the media directory"):
+        read_local((media_root.parent / "outside.png").as_uri(), "image", MiB, str(media_root))
+
+
+def test_read_local_symlink_inside_pointing_outside_is_refused(media_root):
+    (media_root / "link.png").symlink_to(media_root.parent / "outside.png")
+    with pytest.raises(MediaRefusedError, match="outside the media directory"):
+        read_local("link.png", "image", MiB, str(media_root))
+
+
+def test_read_local_missing_file_is_a_media_error(media_root):
+    with pytest.raises(MediaError, match="No such image file"):
+        read_local("missing.png", "image", MiB, str(media_root))
+
+
+def test_read_local_file_over_max_bytes_is_413(media_root):
+    (media_root / "big.png").write_bytes(b"x" * (MiB + 1))
+    with pytest.raises(PayloadTooLargeError):
+        read_local("big.png", "image", MiB, str(media_root))
+
+
+# ---- fetch: a real HTTP server on 127.0.0.1 ----
+
+PNG = image_bytes("PNG")
+BIG = b"x" * (2 * MiB)
+
+
+@pytest.fixture(scope="module")
+async def media_server():
+    """Base URL of a local server; `hits` lists the paths it was asked for."""
+    hits: list[str] = []
+
+    async def img(_request):
+        return web.Response(body=PNG, content_type="image/png")
+
+    async def big(_request):
+        return web.Response(body=BIG, content_type="image/png")
+
+    async def big_chunked(request):
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for start in range(0, len(BIG), 64 * 1024):
+            await response.write(BIG[start:start + 64 * 1024])
+        await response.write_eof()
+        return response
+
+    async def big_stalled(request):
+        # Declares 2 MB, then sends nothing for 3 s: only the Content-Length can refuse it quickly.
+        response = web.StreamResponse()
+        response.content_length = len(BIG)
+        await response.prepare(request)
+        await asyncio.sleep(3)
+        await response.write(BIG)
+        return response
+
+    async def redirect_loop(_request):
+        raise web.HTTPFound("/redirect-loop")
+
+    async def redirect_once(_request):
+        raise web.HTTPFound("/img")
+
+    async def redirect_ftp(_request):
+        raise web.HTTPFound("ftp://127.0.0.1/img")
+
+    async def slow(_request):
+        await asyncio.sleep(3)
+        return web.Response(body=PNG, content_type="image/png")
+
+    @web.middleware
+    async def record(request, handler):
+        hits.append(request.path)
+        return await handler(request)
+
+    app = web.Application(middlewares=[record])
+    for path, handler in (("/img", img), ("/big", big), ("/big-chunked", big_chunked),
+                          ("/big-stalled", big_stalled),
+                          ("/redirect-loop", redirect_loop), ("/redirect-once", redirect_once),
+                          ("/redirect-ftp", redirect_ftp), ("/slow", slow)):
+        app.router.add_get(path, handler)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    server = type("Server", (), {"url": f"http://127.0.0.1:{port}", "port": port, "hits": hits})
+    yield server
+    await runner.cleanup()
+
+
+LOCAL = MediaConfig(allow_remote=True, allow_private_addresses=True, max_redirects=2, read_timeout_s=0.5)
+GUARDED = LOCAL.model_copy(update={"allow_private_addresses": False})
+
+
+async def test_fetch_returns_the_body(media_server):
+    assert await fetch(f"{media_server.url}/img", "image", MiB, LOCAL) == PNG
+
+
+async def test_fetch_follows_a_redirect(media_server):
+    assert await fetch(f"{media_server.url}/redirect-once", "image", MiB, LOCAL) == PNG
+
+
+async def test_fetch_redirect_loop_stops_after_max_redirects(media_server):
+    media_server.hits.clear()
+    with pytest.raises(MediaError, match="redirected more than 2 times"):
+        await fetch(f"{media_server.url}/redirect-loop", "image", MiB, LOCAL)
+    assert media_server.hits == ["/redirect-loop"] * 3  # the first request and 2 redirects
+
+
+async def test_fetch_redirect_to_another_scheme_is_refused(media_server):
+    with pytest.raises(MediaRefusedError, match="must be http"):
+        await fetch(f"{media_server.url}/redirect-ftp", "image", MiB, LOCAL)
+
+
+@pytest.mark.parametrize("path", ["/big", "/big-chunked"])
+async def test_fetch_body_over_max_bytes_is_413_with_or_without_content_length(media_server, path):
+    with pytest.raises(PayloadTooLargeError) as error:
+        await fetch(f"{media_server.url}{path}", "image", MiB, LOCAL)
+    assert error.value.status_code == 413
+    # The same bodies are fine under a larger cap: the refusal is the size, not the route.
+    assert await fetch(f"{media_server.url}{path}", "image", 3 * MiB, LOCAL) == BIG
+
+
+async def test_fetch_declared_content_length_over_max_is_413_before_reading_the_body(media_server):
+    started = time.monotonic()
+    with pytest.raises(PayloadTooLargeError):
+        await fetch(f"{media_server.url}/big-stalled", "image", MiB, LOCAL)
+    assert time.monotonic() - started < 0.5, "refused on the header, without waiting for the body"
+
+
+async def test_fetch_server_slower_than_the_read_timeout_fails_fast(media_server):
+    started = time.monotonic()
+    with pytest.raises(MediaError, match="Fetching the image URL failed"):
+        await fetch(f"{media_server.url}/slow", "image", MiB, LOCAL)
+    assert time.monotonic() - started < 2.5, "the 0.5 s read timeout, not the server's 3 s sleep, ended it"
+
+
+async def test_fetch_http_error_status_is_a_media_error(media_server):
+    with pytest.raises(MediaError, match="HTTP 404"):
+        await fetch(f"{media_server.url}/missing", "image", MiB, LOCAL)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
+async def test_fetch_private_or_local_address_is_refused_without_a_request(media_server, host):
+    media_server.hits.clear()
+    with pytest.raises(MediaRefusedError, match="private or local address"):
+        await fetch(f"http://{host}:{media_server.port}/img", "image", MiB, GUARDED)
+    assert media_server.hits == []
+
+
+async def test_fetch_is_off_when_allow_remote_is_false(media_server):
+    config = LOCAL.model_copy(update={"allow_remote": False})
+    with pytest.raises(MediaRefusedError, match="Fetching image URLs is off"):
+        await fetch(f"{media_server.url}/img", "image", MiB, config)
+
+
+async def test_fetch_outside_allowed_domains_is_refused_naming_the_setting(media_server):
+    config = LOCAL.model_copy(update={"allowed_domains": ["example.com"]})
+    with pytest.raises(MediaRefusedError, match="localhost is not in media.allowed_domains"):
+        await fetch(f"http://localhost:{media_server.port}/img", "image", MiB, config)
+    allowed = LOCAL.model_copy(update={"allowed_domains": ["localhost"]})
+    assert await fetch(f"http://localhost:{media_server.port}/img", "image", MiB, allowed) == PNG
+
+
+async def test_fetch_of_a_non_http_scheme_is_refused():
+    with pytest.raises(MediaRefusedError, match="must be http"):
+        await fetch("ftp://127.0.0.1/img.png", "image", MiB, LOCAL)
+
+
+# ---- MediaLoader ----
+
+
+async def test_loader_refuses_an_unsupported_url_scheme():
+    loader = MediaLoader(LOCAL)
+    part = VideoPart.model_validate({"type": "video_url", "video_url": {"url": "ftp://example.com/v.mp4"}})
+    with pytest.raises(MediaRefusedError, match="Unsupported video URL scheme 'ftp'"):
+        await loader.load(part)
+
+
+async def test_loader_clamps_requested_fps_and_max_frames_to_the_server_caps():
+    url = data_url(video_bytes("mp4"), "video/mp4")  # 2.0 s, 20 frames
+
+    async def sampled(config: MediaConfig, **request) -> list[int]:
+        part = VideoPart.model_validate({"type": "video_url", "video_url": {"url": url, **request}})
+        return (await MediaLoader(config).load(part)).frame_indices
+
+    # fps 100 asked, cap 2 fps: ceil(2.0 s * 2) = 4 frames, not all 20.
+    assert len(await sampled(MediaConfig(video_fps_cap=2.0), fps=100, max_frames=1000)) == 4
+    # max_frames 1000 asked, cap 3 frames.
+    assert len(await sampled(MediaConfig(max_video_frames=3), fps=8, max_frames=1000)) == 3
+    # Under the caps the request is honoured.
+    assert len(await sampled(MediaConfig(), fps=1, max_frames=32)) == 2
+
+
+def test_a_file_that_crashes_decord_costs_a_worker_not_the_process():
+    from deployments.media import VideoDecoder
+
+    decoder = VideoDecoder(workers=1)
+    crashing = (Path(__file__).resolve().parents[1] / "data" / "decord-crash.avi").read_bytes()
+    with pytest.raises(MediaError, match="crashed"):
+        decoder.decode(crashing, fps=2, max_frames=8, max_duration_s=60)
+    video = decoder.decode(video_bytes("mp4"), fps=2, max_frames=8, max_duration_s=60)
+    assert video.frames.shape[0] == 4
+
+
+def test_transparency_by_colour_key_is_composited_on_white():
+    image = Image.new("RGB", (4, 4), (10, 20, 30))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", transparency=(10, 20, 30))
+    assert decode_image(buffer.getvalue(), 10_000).getpixel((0, 0)) == (255, 255, 255)
