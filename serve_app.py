@@ -19,5 +19,5 @@ def build_app(args: AppArgs) -> Application:
         variant: ModelDeployment.options(name=variant, **getattr(args, variant).serve_options()).bind(config)
         for variant, config in configs.items()
     }
-    router = Router.options(name="router", **args.router.deployment.serve_options())
+    router = Router.options(name="router", **args.router.serve_options())
     return router.bind(configs, handles, args.router)

@@ -64,6 +64,32 @@ def in_process(checkpoint: str, tokens: int, runs: int, threads: int) -> dict:
     return {"ttft_p50_s": statistics.median(ttfts), "tokens_per_s": statistics.median(rates), "runs": runs}
 
 
+async def engine_direct(checkpoint: str, tokens: int, concurrency: list[int], batch: int, batch_wait_ms: float,
+                        threads: int) -> list[dict]:
+    """The replica's engine without Ray or HTTP: isolates batching from the serving path."""
+    from deployments.config import ModelConfig
+    from deployments.engine import Engine
+    from deployments.types import ChatMessage, GenerationRequest, SamplingParams
+
+    engine = Engine(ModelConfig(variant="instruct", checkpoint=checkpoint, max_batch_size=batch,
+                                batch_wait_ms=batch_wait_ms, torch_threads=threads, max_model_len=32768))
+    request = GenerationRequest([ChatMessage("user", [PROMPT])], enable_thinking=False,
+                                sampling=SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=0.0))
+
+    async def one() -> None:
+        async for _ in engine.stream(request):
+            pass
+
+    await one()
+    levels = []
+    for count in concurrency:
+        started = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(count)))
+        levels.append({"concurrency": count, "aggregate_tokens_per_s": count * tokens / (time.perf_counter() - started),
+                       "batch_sizes": engine.runner.batch_sizes[-count:]})
+    return levels
+
+
 async def _stream_once(client: httpx.AsyncClient, tokens: int) -> tuple[float, float, int]:
     body = {"model": "instruct", "messages": [{"role": "user", "content": PROMPT}], "stream": True,
             "max_tokens": tokens, "min_tokens": tokens, "temperature": 0, "stream_options": {"include_usage": True}}
@@ -140,6 +166,8 @@ def plot(results: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(xs, [r["aggregate_tokens_per_s"] for r in levels], "o-", label="service, aggregate")
     left.plot(xs, [r["tokens_per_s_per_stream"] for r in levels], "s-", label="service, per stream")
+    left.plot([r["concurrency"] for r in results["engine_direct"]],
+              [r["aggregate_tokens_per_s"] for r in results["engine_direct"]], "^:", label="engine, no Ray/HTTP")
     left.axhline(results["in_process"]["tokens_per_s"], color="gray", ls="--", label="in-process generate")
     left.set(xlabel="concurrent streams", ylabel="tokens/s", title="Throughput")
     left.legend()
@@ -173,9 +201,15 @@ def main() -> None:
     baseline = in_process(checkpoint, args.tokens, runs=3, threads=args.threads)
     print(f"in-process generate: {baseline['tokens_per_s']:.1f} tok/s, TTFT p50 {baseline['ttft_p50_s'] * 1000:.1f} ms")
 
+    concurrency_levels = [int(c) for c in args.concurrency.split(",")]
+    direct = asyncio.run(engine_direct(checkpoint, args.tokens, concurrency_levels, args.batch, args.batch_wait_ms,
+                                       args.threads))
+    for level in direct:
+        print(f"engine x{level['concurrency']:<3} (no Ray/HTTP) aggregate {level['aggregate_tokens_per_s']:7.1f} tok/s")
+
     url = start_service(checkpoint, args.batch, args.batch_wait_ms, args.threads)
     levels = []
-    for concurrency in (int(c) for c in args.concurrency.split(",")):
+    for concurrency in concurrency_levels:
         level = asyncio.run(over_http(url, args.tokens, concurrency, args.rounds))
         levels.append(level)
         print(f"HTTP x{concurrency:<3} TTFT p50 {level['ttft_p50_s'] * 1000:7.1f} ms  p95 "
@@ -189,11 +223,14 @@ def main() -> None:
         ratios["ttft_overhead_p50_ms"] = (by_c[1]["ttft_p50_s"] - baseline["ttft_p50_s"]) * 1000
         if 8 in by_c:
             ratios["aggregate_8_over_1"] = by_c[8]["aggregate_tokens_per_s"] / by_c[1]["aggregate_tokens_per_s"]
+            engine_by_c = {level["concurrency"]: level for level in direct}
+            ratios["engine_aggregate_8_over_1"] = (engine_by_c[8]["aggregate_tokens_per_s"]
+                                                   / engine_by_c[1]["aggregate_tokens_per_s"])
     print("ratios:", ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
     print("targets: http_single_stream_over_in_process >= 0.90, ttft_overhead_p50_ms <= 50, aggregate_8_over_1 >= 3")
 
     results = {"checkpoint": checkpoint, "device": device, "tokens": args.tokens, "batch": args.batch, "batch_wait_ms": args.batch_wait_ms,
-               "threads": args.threads, "in_process": baseline, "service": levels, "ratios": ratios,
+               "threads": args.threads, "in_process": baseline, "engine_direct": direct, "service": levels, "ratios": ratios,
                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"throughput-{preset if not args.checkpoint else 'checkpoint'}-wait{args.batch_wait_ms:g}ms"

@@ -159,9 +159,13 @@ class RouterArgs(BaseModel):
 
     default_max_tokens: int = Field(default=1024, ge=1, description="max_tokens when a request sends none.")
     media: MediaConfig = Field(default_factory=MediaConfig)
-    deployment: DeploymentOptions = Field(
-        default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512)
-    )
+    deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_queued_requests=512))
+
+    def serve_options(self) -> dict:
+        """Deployment options; the router holds many mostly idle streams, so it accepts 256 by default."""
+        options = self.deployment.serve_options()
+        options.setdefault("max_ongoing_requests", 256)
+        return options
 
 
 class AppArgs(BaseModel):

@@ -35,6 +35,18 @@ class UnsupportedParameterError(BadRequestError):
     code = "unsupported_parameter"
 
 
+class MediaError(BadRequestError):
+    """An image or video that cannot be used: corrupt, unsupported, over a limit."""
+
+    code = "invalid_media"
+
+
+class MediaRefusedError(BadRequestError):
+    """A media URL or path this server is configured not to read."""
+
+    code = "media_refused"
+
+
 class PayloadTooLargeError(ServiceError):
     status_code = 413
     error_type = "invalid_request_error"

@@ -71,6 +71,7 @@ class RequestTrace:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
+    reported: bool = False
 
     def token(self) -> None:
         """Record one streamed text chunk."""
@@ -83,6 +84,7 @@ class RequestTrace:
 
     def report(self, metrics: RouterMetrics) -> dict:
         """Emit the metrics of this request; returns the fields of its log line."""
+        self.reported = True
         duration = time.perf_counter() - self.arrival
         tags = {"variant": self.variant}
         metrics.requests.inc(tags={**tags, "status": self.status})

@@ -1,5 +1,6 @@
 """The ingress deployment: HTTP only. Validates, picks the variant, streams the answer back."""
 
+import asyncio
 import functools
 import logging
 import re
@@ -16,10 +17,10 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.media import MediaLoader
-from deployments.metrics import RequestTrace, RouterMetrics, Status
 from deployments.config import ModelConfig, RouterArgs
 from deployments.errors import BadRequestError, OverloadedError, ServiceError
+from deployments.media import MediaLoader
+from deployments.metrics import RequestTrace, RouterMetrics, Status
 from deployments.protocol import CompletionStream, choose_variant, collect, error_event, to_generation_request
 from deployments.schemas import ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
 from deployments.types import Chunk
@@ -91,7 +92,9 @@ def _metrics() -> RouterMetrics:
 
 
 def _finish(trace: RequestTrace) -> None:
-    """Report a request's metrics and write its one log line (never the prompt)."""
+    """Report a request's metrics and write its one log line (never the prompt), once."""
+    if trace.reported:
+        return
     fields = trace.report(_metrics())
     logger.info("Request %s finished: %s", trace.request_id, " ".join(f"{k}={v}" for k, v in fields.items()))
 
@@ -222,6 +225,11 @@ class Router:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = _sse(first, chunks, CompletionStream(request_id, config.name, include_usage), trace)
             return StreamingResponse(events, media_type="text/event-stream", headers=STREAM_HEADERS)
-        completion = await collect(_observed(first, chunks, trace), request_id, config.name)
-        _finish(trace)
+        try:
+            completion = await collect(_observed(first, chunks, trace), request_id, config.name)
+        except asyncio.CancelledError:
+            trace.status = "cancelled"
+            _finish(trace)
+            raise
+        _finish(trace)  # errors are reported by the error handlers, with their status
         return completion

@@ -36,6 +36,18 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
     return samples
 
 
+def settled(port: int, quiet_s: float = 2.5) -> dict:
+    """A scrape once earlier tests' metrics stopped arriving (Ray exports them every second)."""
+    previous, deadline = scrape(port), time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        current = scrape(port)
+        if current == previous:
+            return current
+        previous = current
+    return previous
+
+
 def value(samples, name: str, **labels) -> float:
     wanted = set(labels.items())
     return sum(v for (n, keys), v in samples.items() if n == name and wanted <= set(keys))
@@ -50,7 +62,7 @@ def png_data_url() -> str:
 @pytest.fixture(scope="module")
 def traffic(client, metrics_port):
     """Known traffic and the metric deltas it caused: (before, after, usages)."""
-    before = scrape(metrics_port)
+    before = settled(metrics_port)
     usage = {}
     with client.stream("POST", CHAT, json={"model": "instruct", "messages": HELLO, "stream": True, "max_tokens": 9,
                                            "min_tokens": 9, "stream_options": {"include_usage": True}}) as response:

@@ -73,3 +73,11 @@ def test_queue_sizes_follow_the_batch_size_unless_set():
     explicit = VariantArgs.model_validate({"model": {"max_batch_size": 6}, "deployment": {
         "max_ongoing_requests": 3, "autoscaling_config": {"target_ongoing_requests": 1}}}).serve_options()
     assert explicit["max_ongoing_requests"] == 3 and explicit["autoscaling_config"]["target_ongoing_requests"] == 1
+
+
+def test_router_accepts_many_streams_unless_told_otherwise():
+    from deployments.config import RouterArgs
+
+    assert RouterArgs().serve_options()["max_ongoing_requests"] == 256
+    assert RouterArgs.model_validate({"deployment": {"max_ongoing_requests": 9}}).serve_options()[
+        "max_ongoing_requests"] == 9
