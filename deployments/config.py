@@ -159,6 +159,15 @@ class RouterArgs(BaseModel):
 
     default_max_tokens: int = Field(default=1024, ge=1, description="max_tokens when a request sends none.")
     media: MediaConfig = Field(default_factory=MediaConfig)
+    api_key: str | None = Field(
+        default=None, description="Require 'Authorization: Bearer <key>' on /v1/*. Prefer api_key_env.",
+    )
+    api_key_env: str | None = Field(
+        default=None, description="Name of an environment variable holding the API key (wins over api_key).",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed to call the API from a browser. Empty: CORS off.",
+    )
     deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_queued_requests=512))
 
     def serve_options(self) -> dict:

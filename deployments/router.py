@@ -17,6 +17,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.access import AccessMiddleware, AccessPolicy
 from deployments.config import ModelConfig, RouterArgs
 from deployments.errors import BadRequestError, OverloadedError, ServiceError
 from deployments.media import MediaLoader
@@ -144,7 +145,10 @@ class RequestIdMiddleware:
 
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-app.add_middleware(RequestIdMiddleware)
+# One router per process: its __init__ configures this policy, the middleware reads it.
+ACCESS = AccessPolicy()
+app.add_middleware(AccessMiddleware, policy=ACCESS)
+app.add_middleware(RequestIdMiddleware)  # added last: outermost, so even a 401 carries an id
 
 
 def _error_response(request: Request, status: int, message: str, type_: str, code: str | None,
@@ -195,6 +199,7 @@ class Router:
         self._variants = variants
         self._handles = {variant: handle.options(stream=True) for variant, handle in handles.items()}
         self._args = args
+        ACCESS.configure(args.api_key, args.api_key_env, args.cors_origins)
         self._media = MediaLoader(args.media, _metrics().media_decode)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

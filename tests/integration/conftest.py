@@ -12,6 +12,8 @@ import pytest
 
 FULL_APP = "minicpm"
 SINGLE_APP = "single"
+SECURE_APP = "secure"
+SECURE_KEY = "test-key-123"
 
 
 def _free_port() -> int:
@@ -51,7 +53,7 @@ def serve_url(tiny_checkpoints, media_dir: Path, metrics_port: int) -> Iterator[
 
     At /: both variants; local paths under `media_dir` allowed; remote fetching on (so the
     private-address guard is what refuses loopback URLs). At /single: instruct only, default
-    media settings (remote fetching and local paths off).
+    media settings (remote fetching and local paths off). At /secure: instruct only, API key on.
     """
     import ray
     from ray import serve
@@ -67,6 +69,10 @@ def serve_url(tiny_checkpoints, media_dir: Path, metrics_port: int) -> Iterator[
               "media": {"local_media_dir": str(media_dir), "allow_remote": True}}
     serve.run(build_app(AppArgs.model_validate(app_args(router=router))), name=FULL_APP, route_prefix="/")
     serve.run(build_app(AppArgs.model_validate(app_args(thinking=None))), name=SINGLE_APP, route_prefix="/single")
+    secure_router = {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+                     "api_key": SECURE_KEY}
+    serve.run(build_app(AppArgs.model_validate(app_args(thinking=None, router=secure_router))), name=SECURE_APP,
+              route_prefix="/secure")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
