@@ -1,4 +1,5 @@
-"""Who may call the API: an optional bearer API key and optional CORS origins.
+"""Who may call the API and how much they may send: an optional bearer API key, optional CORS
+origins, and a request body size limit.
 
 Without a key, anyone who can reach the port can use the model replicas (and their GPUs).
 """
@@ -12,6 +13,8 @@ import os
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from deployments.errors import PayloadTooLargeError
+
 # Paths anyone may open: the chat page asks for the key itself, and health checks need none.
 PROTECTED_PREFIX = "/v1/"
 
@@ -22,8 +25,10 @@ class AccessPolicy:
     def __init__(self) -> None:
         self.api_key: str | None = None
         self.cors_origins: list[str] = []
+        self.max_body_bytes: int | None = None
 
-    def configure(self, api_key: str | None, api_key_env: str | None, cors_origins: list[str]) -> None:
+    def configure(self, api_key: str | None, api_key_env: str | None, cors_origins: list[str],
+                  max_body_bytes: int | None = None) -> None:
         """Raises ValueError when `api_key_env` names a variable that is not set."""
         if api_key_env:
             api_key = os.environ.get(api_key_env)
@@ -31,6 +36,7 @@ class AccessPolicy:
                 raise ValueError(f"router.api_key_env names {api_key_env!r}, which is not set in the environment")
         self.api_key = api_key or None
         self.cors_origins = list(cors_origins)
+        self.max_body_bytes = max_body_bytes
 
     def allows(self, authorization: str) -> bool:
         if self.api_key is None:
@@ -60,8 +66,14 @@ class AccessMiddleware:
         preflight = scope["method"] == "OPTIONS" and b"access-control-request-method" in headers
         if path.startswith(PROTECTED_PREFIX) and not preflight:
             if not self.policy.allows(headers.get(b"authorization", b"").decode("latin-1")):
-                return await _unauthorized(scope, receive, send, self.policy.cors_origins)
-        await app(scope, receive, send)
+                return await _error(scope, send, 401, "invalid_api_key",
+                                    "Missing or invalid API key: send it as 'Authorization: Bearer <key>'",
+                                    self.policy.cors_origins)
+        limit = self.policy.max_body_bytes
+        if limit is not None and int(headers.get(b"content-length", b"0") or 0) > limit:
+            return await _error(scope, send, 413, "payload_too_large",
+                                f"The request body is larger than the {limit} byte limit", self.policy.cors_origins)
+        await app(scope, _capped(receive, limit) if limit is not None else receive, send)
 
     def _with_cors(self) -> ASGIApp:
         if not self.policy.cors_origins:
@@ -74,19 +86,37 @@ class AccessMiddleware:
         return self._cors
 
 
-async def _unauthorized(scope: Scope, receive: Receive, send: Send, cors_origins: list[str]) -> None:
+def _capped(receive: Receive, limit: int) -> Receive:
+    """`receive` that refuses bodies sent without Content-Length once they pass `limit`."""
+    seen = 0
+
+    async def capped() -> dict:
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise PayloadTooLargeError(f"The request body is larger than the {limit} byte limit")
+        return message
+
+    return capped
+
+
+async def _error(scope: Scope, send: Send, status: int, code: str, message: str, cors_origins: list[str]) -> None:
     request_id = scope.get("state", {}).get("request_id")
-    body = json.dumps({"error": {
-        "message": "Missing or invalid API key: send it as 'Authorization: Bearer <key>'",
-        "type": "invalid_request_error", "code": "invalid_api_key", "param": None, "request_id": request_id,
-    }}).encode()
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": code,
+                                 "param": None, "request_id": request_id}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
 
     async def respond(scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    # Through CORS (when on) so that a browser page on an allowed origin can read the 401 too.
+    # Through CORS (when on) so that a browser page on an allowed origin can read the error too.
     app = CORSMiddleware(respond, allow_origins=cors_origins) if cors_origins else respond
-    await app(scope, receive, send)
+    await app(scope, _no_body, send)
+
+
+async def _no_body() -> dict:
+    return {"type": "http.request", "body": b"", "more_body": False}

@@ -40,8 +40,10 @@ class Slot:
     loop: asyncio.AbstractEventLoop
     tokens: asyncio.Queue = field(default_factory=asyncio.Queue)
     stop: threading.Event = field(default_factory=threading.Event)  # set by the consumer: stop this row
+    deadline: float | None = None  # time.monotonic() after which the row is cut (finish_reason "length")
     generated: int = 0
     finished: bool = False
+    timed_out: bool = False
 
     def send(self, item) -> None:
         self.loop.call_soon_threadsafe(self.tokens.put_nowait, item)
@@ -95,8 +97,11 @@ class _RowStops(StoppingCriteria):
         self._slots = slots
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        done = []
+        done, now = [], time.monotonic()
         for slot in self._slots:
+            if not slot.finished and slot.deadline is not None and now > slot.deadline:
+                slot.timed_out = True
+                slot.finish()
             if slot.stop.is_set():
                 slot.finish()
             done.append(slot.finished)
@@ -106,11 +111,13 @@ class _RowStops(StoppingCriteria):
 class _RowStreamer(BaseStreamer):
     """Sends each row's new token to its slot; finished rows (padding) are skipped."""
 
-    def __init__(self, slots: list[Slot]) -> None:
+    def __init__(self, slots: list[Slot], progress: Callable[[], None]) -> None:
         self._slots = slots
         self._seen_prompt = False
+        self._progress = progress
 
     def put(self, value: torch.Tensor) -> None:
+        self._progress()
         if not self._seen_prompt:  # generate() first hands over the prompt
             self._seen_prompt = True
             return
@@ -139,10 +146,21 @@ class BatchRunner:
         self._waiting: queue.Queue[Slot] = queue.Queue()
         self._active: list[Slot] = []
         self.batch_sizes: list[int] = []  # recent batch sizes, for tests and logs
-        threading.Thread(target=self._run, name="batch-generate", daemon=True).start()
+        self.last_progress = time.monotonic()  # last prefill or decode step, for health checks
+        self._thread = threading.Thread(target=self._run, name="batch-generate", daemon=True)
+        self._thread.start()
 
     def submit(self, slot: Slot) -> None:
         self._waiting.put(slot)
+
+    def stalled_for(self) -> float:
+        """Seconds a running batch has made no step (0 when idle); inf if the thread died."""
+        if not self._thread.is_alive():
+            return float("inf")
+        return time.monotonic() - self.last_progress if self._active else 0.0
+
+    def _mark_progress(self) -> None:
+        self.last_progress = time.monotonic()
 
     @property
     def running(self) -> int:
@@ -170,6 +188,7 @@ class BatchRunner:
 
     def _run_batch(self, batch: list[Slot]) -> None:
         self._active = batch
+        self._mark_progress()
         self.batch_sizes = [*self.batch_sizes[-99:], len(batch)]
         eos_ids = sorted(set().union(*(s.eos_ids for s in batch)))
         config = GenerationConfig(
@@ -180,7 +199,7 @@ class BatchRunner:
             with torch.inference_mode():
                 self._generate(
                     **merge_inputs([s.inputs for s in batch], self._defaults["pad_token_id"]),
-                    generation_config=config, streamer=_RowStreamer(batch),
+                    generation_config=config, streamer=_RowStreamer(batch, self._mark_progress),
                     logits_processor=LogitsProcessorList([_RowSampler(batch, eos_ids)]),
                     stopping_criteria=StoppingCriteriaList([_RowStops(batch)]),
                 )

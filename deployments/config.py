@@ -40,6 +40,13 @@ class ModelSettings(BaseModel):
         default=8, ge=1, le=256,
         description="Requests generated together in one batched generate. 1: one request at a time.",
     )
+    max_generation_s: float | None = Field(
+        default=600.0, gt=0,
+        description="Longest a request may take, waiting included; then it ends with finish_reason 'length'.",
+    )
+    health_check_stall_s: float = Field(
+        default=120.0, gt=0, description="A running batch with no decode step for this long fails health checks.",
+    )
     batch_wait_ms: float = Field(
         default=5.0, ge=0, le=1000,
         description="How long a free replica waits for more requests to fill a batch before starting.",
@@ -159,6 +166,11 @@ class RouterArgs(BaseModel):
 
     default_max_tokens: int = Field(default=1024, ge=1, description="max_tokens when a request sends none.")
     media: MediaConfig = Field(default_factory=MediaConfig)
+    max_tokens_cap: int = Field(default=8192, ge=1, description="Largest max_tokens a request may ask for.")
+    max_messages: int = Field(default=256, ge=1, description="Most messages in one request.")
+    max_body_bytes: int = Field(
+        default=160 * MiB, gt=0, description="Largest request body (data URLs included); larger gets 413.",
+    )
     api_key: str | None = Field(
         default=None, description="Require 'Authorization: Bearer <key>' on /v1/*. Prefer api_key_env.",
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from deployments.config import ModelConfig
 from deployments.errors import ContextLengthError
 from deployments.sampling import build_logits_processors
 from deployments.textstream import THINK_CLOSE, THINK_OPEN, IncrementalDetokenizer, ReasoningSplitter, StopMatcher
-from deployments.types import Chunk, GenerationRequest, SamplingParams, Usage, Video
+from deployments.types import ChatMessage, Chunk, GenerationRequest, SamplingParams, Usage, Video
 
 logger = logging.getLogger("ray.serve")
 
@@ -70,14 +71,16 @@ class Engine:
             inputs=prepared.inputs, max_tokens=prepared.sampling.max_tokens, min_tokens=prepared.sampling.min_tokens,
             processors=build_logits_processors(**self._resolve_sampling(prepared.sampling), device=self.model.device),
             eos_ids=prepared.eos_ids, loop=asyncio.get_running_loop(),
+            deadline=time.monotonic() + self.config.max_generation_s if self.config.max_generation_s else None,
         )
         self.runner.submit(slot)
         try:
             async for chunk in self._decode(prepared, request.enable_thinking, slot):
                 if chunk.usage:
-                    logger.info("Request %s generated: finish_reason=%s prompt_tokens=%d completion_tokens=%d",
+                    logger.info("Request %s generated: finish_reason=%s prompt_tokens=%d completion_tokens=%d%s",
                                 request.request_id, chunk.finish_reason, chunk.usage.prompt_tokens,
-                                chunk.usage.completion_tokens)
+                                chunk.usage.completion_tokens,
+                                f" (cut at max_generation_s={self.config.max_generation_s:g})" if slot.timed_out else "")
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):
             logger.info("Request %s cancelled: generation stopped", request.request_id)
@@ -85,6 +88,18 @@ class Engine:
         finally:
             # Reached on normal end, on error, and when the consumer cancels or closes us.
             slot.stop.set()
+
+    async def check_health(self) -> None:
+        """Raise if this replica can no longer generate: its batch thread died or stalled, or,
+        when idle, a one-token generation does not complete."""
+        stalled = self.runner.stalled_for()
+        if stalled > self.config.health_check_stall_s:
+            raise RuntimeError(f"Generation made no progress for {stalled:.0f} s")
+        if self.runner.running == 0:
+            probe = GenerationRequest([ChatMessage("user", ["ping"])], enable_thinking=False,
+                                      sampling=SamplingParams(max_tokens=1, temperature=0.0), request_id="health-check")
+            async for _ in self.stream(probe):
+                pass
 
     def prepare(self, request: GenerationRequest) -> _Prepared:
         """Render and tokenize the prompt (and process images/videos); check the context fits."""

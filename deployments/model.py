@@ -35,6 +35,10 @@ class ModelDeployment:
         self._active += change
         self._active_gauge.set(self._active, tags=self._tags)
 
+    async def check_health(self) -> None:
+        """Called by Serve every health_check_period_s; raising gets the replica replaced."""
+        await self.engine.check_health()
+
     def running_generations(self) -> int:
         """Generation threads alive in this replica (tests use it to prove cancellation)."""
         return self.engine.running

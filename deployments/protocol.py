@@ -9,7 +9,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from deployments.config import MediaConfig, ModelConfig
+from deployments.config import MediaConfig, ModelConfig, RouterArgs
 from deployments.errors import BadRequestError, ModelNotFoundError, ServiceError
 from deployments.schemas import (
     ChatCompletion,
@@ -61,15 +61,22 @@ def _named_variant(model: str | None, variants: dict[str, ModelConfig]) -> str |
 
 
 async def to_generation_request(
-    request: ChatCompletionRequest, enable_thinking: bool, request_id: str, default_max_tokens: int,
-    load_media: MediaLoader, media_limits: MediaConfig,
+    request: ChatCompletionRequest, enable_thinking: bool, request_id: str, limits: RouterArgs,
+    load_media: MediaLoader,
 ) -> GenerationRequest:
     """Convert an OpenAI request (already validated by pydantic) into the replica's request.
 
-    Checks the image and video counts before fetching or decoding anything.
+    Checks the router's limits (messages, max_tokens, image and video counts) before fetching or
+    decoding anything.
     """
     request.check_supported()
-    _check_media_counts(request, media_limits)
+    if len(request.messages) > limits.max_messages:
+        raise BadRequestError(f"The request has {len(request.messages)} messages; the limit is {limits.max_messages}",
+                              param="messages")
+    if (request.requested_max_tokens or 0) > limits.max_tokens_cap:
+        raise BadRequestError(f"max_tokens is {request.requested_max_tokens}; this server allows at most "
+                              f"{limits.max_tokens_cap}", param="max_tokens")
+    _check_media_counts(request, limits.media)
     messages = [
         ChatMessage(role="system" if m.role == "developer" else m.role, content=await _content(m.content, load_media))
         for m in request.messages
@@ -77,7 +84,7 @@ async def to_generation_request(
     if messages[-1].role == "assistant":
         raise BadRequestError("The last message must not be an assistant message", param="messages")
     sampling = SamplingParams(
-        max_tokens=request.requested_max_tokens or default_max_tokens,
+        max_tokens=request.requested_max_tokens or limits.default_max_tokens,
         temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
         repetition_penalty=request.repetition_penalty, seed=request.seed, stop=list(request.stop or []),
         min_tokens=request.min_tokens,

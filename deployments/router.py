@@ -199,7 +199,7 @@ class Router:
         self._variants = variants
         self._handles = {variant: handle.options(stream=True) for variant, handle in handles.items()}
         self._args = args
-        ACCESS.configure(args.api_key, args.api_key_env, args.cors_origins)
+        ACCESS.configure(args.api_key, args.api_key_env, args.cors_origins, args.max_body_bytes)
         self._media = MediaLoader(args.media, _metrics().media_decode)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -221,9 +221,7 @@ class Router:
         request_id, trace = request.state.request_id, request.state.trace
         config, thinking = choose_variant(body, self._variants)
         trace.variant = config.variant
-        generation_request = await to_generation_request(
-            body, thinking, request_id, self._args.default_max_tokens, self._media.load, self._args.media
-        )
+        generation_request = await to_generation_request(body, thinking, request_id, self._args, self._media.load)
         chunks = self._handles[config.variant].stream.remote(generation_request)
         first = await _first(chunks)
         if body.stream:

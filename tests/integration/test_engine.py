@@ -419,3 +419,22 @@ def test_unknown_preset_is_a_checkpoint_error():
     with pytest.raises(CheckpointError, match="Unknown preset 'nope'") as error:
         Engine(ModelConfig(variant="instruct", checkpoint="preset:nope"))
     assert "tiny" in str(error.value), "the message should list the presets that exist"
+
+
+async def test_a_request_over_max_generation_s_ends_with_length(tiny_checkpoints):
+    engine = Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]),
+                                max_generation_s=0.3, torch_threads=1))
+    request = GenerationRequest([ChatMessage("user", ["long"])], enable_thinking=False,
+                                sampling=SamplingParams(max_tokens=3000, min_tokens=3000))
+    started = time.monotonic()
+    chunks = [chunk async for chunk in engine.stream(request)]
+    assert time.monotonic() - started < 5
+    assert chunks[-1].finish_reason == "length" and 0 < chunks[-1].usage.completion_tokens < 3000
+
+
+async def test_health_check_generates_when_idle_and_passes(tiny_checkpoints):
+    engine = Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), torch_threads=1))
+    before = engine.runner.batch_sizes.copy()
+    await engine.check_health()
+    assert engine.runner.batch_sizes == [*before, 1], "the idle check ran a real one-token generation"
+    assert engine.runner.stalled_for() == 0.0

@@ -162,7 +162,7 @@ def test_client_disconnect_stops_generation_on_the_replica(client):
 
 def test_overload_gives_503_with_retry_after_not_a_broken_200(serve_url):
     # max_ongoing_requests 4 + max_queued_requests 2 on the single app's replica: 12 at once overflow.
-    body = {"messages": HELLO, "max_tokens": 400, "min_tokens": 400}
+    body = {"messages": HELLO, "max_tokens": 250, "min_tokens": 250}
 
     def call(_):
         with httpx.Client(base_url=serve_url, timeout=60) as http:

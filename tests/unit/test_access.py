@@ -9,16 +9,20 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from deployments.access import AccessMiddleware, AccessPolicy
+from deployments.errors import PayloadTooLargeError
 
 
-def make_client(api_key=None, api_key_env=None, cors_origins=()) -> httpx.AsyncClient:
+def make_client(api_key=None, api_key_env=None, cors_origins=(), max_body_bytes=None) -> httpx.AsyncClient:
     policy = AccessPolicy()
-    policy.configure(api_key, api_key_env, list(cors_origins))
+    policy.configure(api_key, api_key_env, list(cors_origins), max_body_bytes)
 
     async def ok(request):
-        return JSONResponse({"ok": True})
+        return JSONResponse({"ok": True, "size": len(await request.body())})
 
-    app = Starlette(routes=[Route("/v1/models", ok), Route("/health", ok), Route("/", ok),
+    async def too_large(request, exc):
+        return JSONResponse({"error": {"code": exc.code}}, status_code=exc.status_code)
+
+    app = Starlette(exception_handlers={PayloadTooLargeError: too_large}, routes=[Route("/v1/models", ok), Route("/health", ok), Route("/", ok),
                             Route("/v1/chat/completions", ok, methods=["POST"])])
     wrapped = AccessMiddleware(app, policy)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=wrapped), base_url="http://test")
@@ -81,3 +85,18 @@ async def test_cors_allows_only_configured_origins_and_preflight_needs_no_key():
     assert "access-control-allow-origin" not in denied.headers
     assert unauthorized.status_code == 401
     assert unauthorized.headers["access-control-allow-origin"] == "https://app.example"
+
+
+async def test_bodies_over_the_limit_are_413_with_or_without_content_length():
+    async with make_client(max_body_bytes=100) as client:
+        small = await client.post("/v1/chat/completions", content=b"x" * 100)
+        declared = await client.post("/v1/chat/completions", content=b"x" * 101)
+
+        async def chunks():
+            for _ in range(3):
+                yield b"y" * 60
+
+        streamed = await client.post("/v1/chat/completions", content=chunks())
+    assert small.status_code == 200 and small.json()["size"] == 100
+    assert declared.status_code == 413 and declared.json()["error"]["code"] == "payload_too_large"
+    assert streamed.status_code == 413

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from deployments.config import MediaConfig, ModelConfig
+from deployments.config import ModelConfig, RouterArgs
 from deployments.errors import BadRequestError, ModelNotFoundError, UnsupportedParameterError
 from deployments.protocol import CompletionStream, choose_variant, collect, to_generation_request
 from deployments.schemas import ChatCompletionRequest
@@ -23,9 +23,6 @@ def request(**fields) -> ChatCompletionRequest:
 
 async def no_media(part):
     raise AssertionError("no media expected")
-
-
-LIMITS = MediaConfig()
 
 
 @pytest.mark.parametrize("fields, variant, thinking", [
@@ -57,7 +54,7 @@ async def test_conversion_maps_roles_text_and_sampling():
     req = request(messages=[{"role": "developer", "content": "be brief"},
                             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
                   max_completion_tokens=7, temperature=0.5, top_k=3, seed=9, stop="END")
-    gen = await to_generation_request(req, True, "rid", 100, no_media, LIMITS)
+    gen = await to_generation_request(req, True, "rid", RouterArgs(default_max_tokens=100), no_media)
     assert [(m.role, m.content) for m in gen.messages] == [("system", ["be brief"]), ("user", ["a", "b"])]
     assert (gen.sampling.max_tokens, gen.sampling.temperature, gen.sampling.top_k) == (7, 0.5, 3)
     assert gen.sampling.stop == ["END"] and gen.sampling.seed == 9
@@ -65,7 +62,7 @@ async def test_conversion_maps_roles_text_and_sampling():
 
 
 async def test_default_max_tokens_applies_when_none_sent():
-    assert (await to_generation_request(request(), False, "r", 123, no_media, LIMITS)).sampling.max_tokens == 123
+    assert (await to_generation_request(request(), False, "r", RouterArgs(default_max_tokens=123), no_media)).sampling.max_tokens == 123
 
 
 @pytest.mark.parametrize("fields, param", [
@@ -74,19 +71,19 @@ async def test_default_max_tokens_applies_when_none_sent():
 ])
 async def test_unsupported_parameters_are_refused_by_name(fields, param):
     with pytest.raises(UnsupportedParameterError) as info:
-        await to_generation_request(request(**fields), False, "r", 10, no_media, LIMITS)
+        await to_generation_request(request(**fields), False, "r", RouterArgs(default_max_tokens=10), no_media)
     assert info.value.param == param
 
 
 async def test_neutral_values_of_unsupported_parameters_are_accepted():
-    await to_generation_request(request(logprobs=False, tools=None, presence_penalty=0), False, "r", 10, no_media, LIMITS)
+    await to_generation_request(request(logprobs=False, tools=None, presence_penalty=0), False, "r", RouterArgs(default_max_tokens=10), no_media)
 
 
 async def test_last_message_from_assistant_and_min_over_max_are_refused():
     with pytest.raises(BadRequestError, match="assistant"):
-        await to_generation_request(request(messages=[{"role": "assistant", "content": "x"}]), False, "r", 5, no_media, LIMITS)
+        await to_generation_request(request(messages=[{"role": "assistant", "content": "x"}]), False, "r", RouterArgs(default_max_tokens=5), no_media)
     with pytest.raises(BadRequestError, match="min_tokens"):
-        await to_generation_request(request(max_tokens=2, min_tokens=3), False, "r", 5, no_media, LIMITS)
+        await to_generation_request(request(max_tokens=2, min_tokens=3), False, "r", RouterArgs(default_max_tokens=5), no_media)
 
 
 def test_stream_events_role_first_then_deltas_finish_and_usage():
@@ -117,3 +114,15 @@ async def test_collect_joins_reasoning_and_answer_with_usage():
     assert completion.choices[0].message.reasoning_content == "think"
     assert completion.choices[0].message.content == "ans"
     assert completion.choices[0].finish_reason == "stop" and completion.usage.total_tokens == 7
+
+
+async def test_router_limits_on_messages_and_max_tokens():
+    limits = RouterArgs(max_messages=2, max_tokens_cap=50)
+    three = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    with pytest.raises(BadRequestError, match="limit is 2") as info:
+        await to_generation_request(request(messages=three), False, "r", limits, no_media)
+    assert info.value.param == "messages"
+    with pytest.raises(BadRequestError, match="at most 50") as info:
+        await to_generation_request(request(max_tokens=51), False, "r", limits, no_media)
+    assert info.value.param == "max_tokens"
+    assert (await to_generation_request(request(max_tokens=50), False, "r", limits, no_media)).sampling.max_tokens == 50
