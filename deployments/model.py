@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
+
+import psutil
 
 from ray import serve
 
@@ -40,5 +43,9 @@ class ModelDeployment:
         await self.engine.check_health()
 
     def running_generations(self) -> int:
-        """Generation threads alive in this replica (tests use it to prove cancellation)."""
+        """Sequences generating or waiting in this replica (0 proves cancelled streams stopped)."""
         return self.engine.running
+
+    def process_info(self) -> dict:
+        """This replica's process id and resident memory, for operators and fault tests."""
+        return {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, "running": self.engine.running}

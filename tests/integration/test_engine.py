@@ -437,4 +437,4 @@ async def test_health_check_generates_when_idle_and_passes(tiny_checkpoints):
     before = engine.runner.batch_sizes.copy()
     await engine.check_health()
     assert engine.runner.batch_sizes == [*before, 1], "the idle check ran a real one-token generation"
-    assert engine.runner.stalled_for() == 0.0
+    assert engine.runner.stalled_for() < 1.0

@@ -1,0 +1,131 @@
+"""Faults, overload and bad input against the running service; each bounded in count and time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.integration.conftest import FULL_APP, SINGLE_APP, running_generations
+from tests.integration.test_service import CHAT, HELLO
+
+
+def process_info(app: str, deployment: str) -> dict:
+    from ray import serve
+
+    def ask() -> dict:
+        return serve.get_deployment_handle(deployment, app_name=app).process_info.remote().result()
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(ask).result()
+
+
+def wait_idle(app: str, deployment: str, seconds: float = 10) -> int:
+    deadline = time.monotonic() + seconds
+    while (running := running_generations(app, deployment)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return running
+
+
+def test_disconnect_storm_leaves_nothing_running_and_memory_flat(serve_url, client):
+    baseline = process_info(FULL_APP, "instruct")["rss_bytes"]
+
+    def open_and_drop(i: int) -> int:
+        with httpx.Client(base_url=serve_url, timeout=30) as http:
+            body = {"model": "instruct" if i % 2 else "thinking", "messages": HELLO, "stream": True,
+                    "max_tokens": 2000, "min_tokens": 2000}
+            with http.stream("POST", CHAT, json=body) as response:
+                if response.status_code == 200:
+                    lines = response.iter_lines()
+                    for _ in range(3):
+                        next(lines)
+                return response.status_code
+
+    # 6 at a time: within each variant's capacity (4 running + 2 queued per replica).
+    with ThreadPoolExecutor(6) as pool:
+        statuses = list(pool.map(open_and_drop, range(30)))
+    # A dropped stream holds its slot until the replica has cancelled it (a few ms), so a quick
+    # successor may meet a full queue: backpressure (503) is fine, anything else is not.
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 20, statuses
+    # Every dropped stream's row is gone from both replicas' batches.
+    assert wait_idle(FULL_APP, "instruct") == 0 and wait_idle(FULL_APP, "thinking") == 0
+    growth = process_info(FULL_APP, "instruct")["rss_bytes"] - baseline
+    assert growth < 150 * 2**20, f"replica memory grew by {growth / 2**20:.0f} MiB"
+    assert client.post(CHAT, json={"messages": HELLO, "max_tokens": 3}).status_code == 200
+
+
+def test_overload_burst_gets_success_or_retry_after_never_a_hang_or_500(serve_url):
+    def call(_) -> tuple[int, str | None, float]:
+        started = time.monotonic()
+        with httpx.Client(base_url=serve_url, timeout=60) as http:
+            response = http.post(f"/single{CHAT}", json={"messages": HELLO, "max_tokens": 60, "min_tokens": 60})
+            return response.status_code, response.headers.get("retry-after"), time.monotonic() - started
+
+    with ThreadPoolExecutor(40) as pool:
+        results = list(pool.map(call, range(40)))
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(503) >= 20, "capacity is 4 running + 2 queued: most of a 40-request burst is refused"
+    assert all(retry for status, retry, _ in results if status == 503)
+    assert max(duration for _, _, duration in results) < 60
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12,
+)
+_fields = ["model", "stream", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n",
+           "chat_template_kwargs", "stream_options", "min_tokens", "repetition_penalty", "tools"]
+_bodies = st.one_of(
+    _json_values,
+    st.fixed_dictionaries({"messages": st.just(HELLO)}, optional={f: _json_values for f in _fields}),
+    st.fixed_dictionaries({"messages": st.lists(st.dictionaries(st.sampled_from(["role", "content", "name"]),
+                                                                _json_values, max_size=3), max_size=3)}),
+)
+FUZZ_CASES = 150
+
+
+@settings(max_examples=FUZZ_CASES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(body=_bodies)
+def test_fuzzed_bodies_never_get_a_5xx(client, body):
+    if isinstance(body, dict) and body.get("messages") == HELLO:
+        body = {**body, "max_tokens": 2, "min_tokens": 0, "stream": False} | {"messages": HELLO}
+    response = client.post(CHAT, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert response.status_code < 500, (body, response.text)
+    if response.status_code >= 400:
+        assert set(response.json()["error"]) >= {"message", "type", "code", "param"}
+
+
+def test_service_is_healthy_after_the_fuzzing(client):
+    assert client.get("/health").status_code == 200
+    assert client.post(CHAT, json={"messages": HELLO, "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.timeout(180)
+def test_killed_replica_ends_streams_with_an_error_event_and_is_replaced(serve_url, client):
+    victim = process_info(SINGLE_APP, "instruct")["pid"]
+    with client.stream("POST", f"/single{CHAT}", json={"messages": HELLO, "stream": True, "max_tokens": 3000,
+                                                       "min_tokens": 3000}) as response:
+        lines = response.iter_lines()
+        for _ in range(3):
+            next(lines)
+        os.kill(victim, signal.SIGKILL)
+        rest = [line for line in lines if line.startswith("data: ")]  # must end, not hang
+    assert rest[-1] == "data: [DONE]" and rest.count("data: [DONE]") == 1
+    assert '"error"' in rest[-2]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        answer = client.post(f"/single{CHAT}", json={"messages": HELLO, "max_tokens": 2})
+        if answer.status_code == 200:
+            break
+        time.sleep(1)
+    assert answer.status_code == 200
+    assert process_info(SINGLE_APP, "instruct")["pid"] != victim
