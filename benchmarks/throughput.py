@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ from pathlib import Path
 import httpx
 import torch
 from transformers.generation.streamers import BaseStreamer
+
+from benchmarks.service import start_app
 
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
 
@@ -126,33 +127,15 @@ async def over_http(url: str, tokens: int, concurrency: int, rounds: int) -> dic
 
 
 def start_service(checkpoint: str, batch: int, batch_wait_ms: float, threads: int) -> str:
-    import ray
-    from ray import serve
-
-    from deployments.config import AppArgs
-    from serve_app import build_app
-
-    port = _free_port()
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     gpu = 1 if torch.cuda.is_available() else 0
-    args = AppArgs.model_validate({
+    return start_app({
         "instruct": {"model": {"checkpoint": checkpoint, "max_batch_size": batch, "batch_wait_ms": batch_wait_ms,
-                               "torch_threads": threads,
-                               "max_model_len": 32768},
+                               "torch_threads": threads, "max_model_len": 32768},
                      "deployment": {"num_replicas": 1, "max_queued_requests": 256,
                                     "ray_actor_options": {"num_cpus": 1, "num_gpus": gpu}}},
         "thinking": None,
         "router": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}},
     })
-    serve.run(build_app(args), name="bench", route_prefix="/")
-    return f"http://127.0.0.1:{port}"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def plot(results: dict, path: Path) -> None:
