@@ -27,6 +27,7 @@ from deployments.textstream import THINK_CLOSE, THINK_OPEN, IncrementalDetokeniz
 from deployments.types import ChatMessage, Chunk, GenerationRequest, SamplingParams, Usage, Video
 
 logger = logging.getLogger("ray.serve")
+HEALTH_PROBE_ID = "health-check"
 
 @dataclass
 class _Prepared:
@@ -77,7 +78,9 @@ class Engine:
         try:
             async for chunk in self._decode(prepared, request.enable_thinking, slot):
                 if chunk.usage:
-                    logger.info("Request %s generated: finish_reason=%s prompt_tokens=%d completion_tokens=%d%s",
+                    # The health probe runs every few seconds: keep it out of the INFO log.
+                    log = logger.debug if request.request_id == HEALTH_PROBE_ID else logger.info
+                    log("Request %s generated: finish_reason=%s prompt_tokens=%d completion_tokens=%d%s",
                                 request.request_id, chunk.finish_reason, chunk.usage.prompt_tokens,
                                 chunk.usage.completion_tokens,
                                 f" (cut at max_generation_s={self.config.max_generation_s:g})" if slot.timed_out else "")
@@ -97,7 +100,7 @@ class Engine:
             raise RuntimeError(f"Generation made no progress for {stalled:.0f} s")
         if self.runner.running == 0:
             probe = GenerationRequest([ChatMessage("user", ["ping"])], enable_thinking=False,
-                                      sampling=SamplingParams(max_tokens=1, temperature=0.0), request_id="health-check")
+                                      sampling=SamplingParams(max_tokens=1, temperature=0.0), request_id=HEALTH_PROBE_ID)
             async for _ in self.stream(probe):
                 pass
 
