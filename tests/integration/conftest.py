@@ -27,10 +27,13 @@ def app_args(**overrides) -> dict:
     variant = {
         "model": {"checkpoint": "preset:tiny", "torch_threads": 1},
         "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5},
-                       "max_ongoing_requests": 4, "max_queued_requests": 2},
+                       "max_ongoing_requests": 4, "max_queued_requests": 2,
+                       # Long enough for the redeploy test's 3000-token stream on a busy CPU.
+                       "graceful_shutdown_timeout_s": 120},
     }
     args = {"instruct": variant, "thinking": variant,
-            "router": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}}}
+            "router": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25},
+                                      "graceful_shutdown_timeout_s": 120}}}
     args.update(overrides)
     return args
 

@@ -129,3 +129,40 @@ def test_killed_replica_ends_streams_with_an_error_event_and_is_replaced(serve_u
         time.sleep(1)
     assert answer.status_code == 200
     assert process_info(SINGLE_APP, "instruct")["pid"] != victim
+
+
+@pytest.mark.timeout(240)
+def test_redeploy_lets_an_in_flight_stream_finish(serve_url):
+    from ray import serve
+
+    from deployments.config import AppArgs
+    from serve_app import build_app
+    from tests.integration.conftest import app_args
+
+    result: dict = {}
+
+    def stream() -> None:
+        with httpx.Client(base_url=serve_url, timeout=120) as http:
+            body = {"messages": HELLO, "stream": True, "max_tokens": 3000, "min_tokens": 3000,
+                    "stream_options": {"include_usage": True}}
+            with http.stream("POST", f"/single{CHAT}", json=body) as response:
+                result["lines"] = [line for line in response.iter_lines() if line.startswith("data: ")]
+            result["ended"] = time.monotonic()
+
+    old_pid = process_info(SINGLE_APP, "instruct")["pid"]
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(stream)
+        time.sleep(1.0)
+        # A changed model setting replaces the replicas; the old one drains within the grace period.
+        changed = app_args(thinking=None)  # the router keeps its settings; see conftest for the grace period
+        changed["instruct"] = {**changed["instruct"], "model": {**changed["instruct"]["model"], "batch_wait_ms": 7}}
+        redeploy_started = time.monotonic()
+        # serve.run returns once the old replicas are gone, i.e. after they drained.
+        serve.run(build_app(AppArgs.model_validate(changed)), name=SINGLE_APP, route_prefix="/single")
+        new_pid = process_info(SINGLE_APP, "instruct")["pid"]
+        running.result(timeout=180)
+    assert new_pid != old_pid, "the redeploy replaced the replica"
+    assert result["ended"] > redeploy_started, "the stream was in flight when the redeploy began"
+    lines = result["lines"]
+    assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
+    assert json.loads(lines[-2].removeprefix("data: "))["usage"]["completion_tokens"] == 3000
