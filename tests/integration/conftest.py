@@ -16,10 +16,19 @@ SECURE_APP = "secure"
 SECURE_KEY = "test-key-123"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """Distinct free ports: all bound at once, so the OS cannot hand out one twice."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+_HTTP_PORT, _METRICS_PORT = _free_ports(2)
 
 
 def app_args(**overrides) -> dict:
@@ -47,7 +56,7 @@ def media_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def metrics_port() -> int:
     """Where Ray exports Prometheus metrics for the test cluster."""
-    return _free_port()
+    return _METRICS_PORT
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +73,7 @@ def serve_url(tiny_checkpoints, media_dir: Path, metrics_port: int) -> Iterator[
     from deployments.config import AppArgs
     from serve_app import build_app
 
-    port = _free_port()
+    port = _HTTP_PORT
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 1000})  # metrics visible within ~1 s
     serve.start(http_options={"host": "127.0.0.1", "port": port})
