@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -201,5 +201,5 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
     @classmethod
-    def of(cls, message: str, type_: str, code: str | None, param: str | None, request_id: str | None) -> Any:
+    def of(cls, message: str, type_: str, code: str | None, param: str | None, request_id: str | None) -> ErrorResponse:
         return cls(error=ErrorBody(message=message, type=type_, code=code, param=param, request_id=request_id))
