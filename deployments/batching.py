@@ -137,10 +137,10 @@ class _RowStreamer(BaseStreamer):
 class BatchRunner:
     """The replica's generation thread: forms batches from waiting slots and runs them."""
 
-    def __init__(self, generate: Callable[..., object], generation_defaults: dict, max_batch_size: int,
+    def __init__(self, generate: Callable[..., object], pad_token_id: int, max_batch_size: int,
                  batch_wait_s: float) -> None:
         self._generate = generate
-        self._defaults = generation_defaults  # eos_token_id, pad_token_id
+        self._pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
         self._wait_s = batch_wait_s
         self._waiting: queue.Queue[Slot] = queue.Queue()
@@ -193,12 +193,12 @@ class BatchRunner:
         eos_ids = sorted(set().union(*(s.eos_ids for s in batch)))
         config = GenerationConfig(
             max_new_tokens=max(s.max_tokens for s in batch), do_sample=False,
-            eos_token_id=eos_ids, pad_token_id=self._defaults["pad_token_id"],
+            eos_token_id=eos_ids, pad_token_id=self._pad_token_id,
         )
         try:
             with torch.inference_mode():
                 self._generate(
-                    **merge_inputs([s.inputs for s in batch], self._defaults["pad_token_id"]),
+                    **merge_inputs([s.inputs for s in batch], self._pad_token_id),
                     generation_config=config, streamer=_RowStreamer(batch, self._mark_progress),
                     logits_processor=LogitsProcessorList([_RowSampler(batch, eos_ids)]),
                     stopping_criteria=StoppingCriteriaList([_RowStops(batch)]),

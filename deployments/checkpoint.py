@@ -70,6 +70,5 @@ def _repair_token_ids(model: MiniCPMV4_6ForConditionalGeneration, processor: Pro
     # "'bool' object has no attribute 'sum'"; the ids are the tokenizer's pad placeholders.
     for key, token_id in (("image_token_id", processor.image_token_id), ("video_token_id", processor.video_token_id)):
         if getattr(model.config, key, None) is None:
-            setattr(model.config, key, token_id)
-            setattr(model.model.config, key, token_id)
+            setattr(model.config, key, token_id)  # the inner model shares this config object
             logger.warning("Checkpoint %r has no %s in config.json; using the tokenizer's id %d", source, key, token_id)

@@ -29,6 +29,7 @@ from deployments.types import ChatMessage, Chunk, GenerationRequest, SamplingPar
 logger = logging.getLogger("ray.serve")
 HEALTH_PROBE_ID = "health-check"
 
+
 @dataclass
 class _Prepared:
     inputs: dict
@@ -54,7 +55,7 @@ class Engine:
         self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         pad = self.defaults.pad_token_id if self.defaults.pad_token_id is not None else self.tokenizer.pad_token_id
         self.runner = BatchRunner(
-            self.model.generate, {"pad_token_id": pad}, config.max_batch_size, config.batch_wait_ms / 1000
+            self.model.generate, pad, config.max_batch_size, config.batch_wait_ms / 1000
         )
 
     @property
