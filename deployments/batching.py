@@ -1,12 +1,17 @@
-"""Generating concurrent requests together: one batched `model.generate` per group of requests.
+"""Generating concurrent requests together, new requests joining the batch that is already running.
 
-One worker thread per replica takes the requests waiting when it is free (up to
-`max_batch_size`, waiting at most `batch_wait_s` for more to fill the batch), merges their
-prepared inputs (left padding; images and videos packed as the processor packs them) and runs
-one `generate`. Each row keeps its own sampling, stops on its own (eos, max_tokens, stop
-strings, cancellation) and streams its tokens to its own asyncio queue. Requests arriving while
-a batch runs wait for the next one. (transformers' continuous batching rejects this model's
-linear-attention layers, so rows cannot join a running batch.)
+One worker thread per replica owns the running batch. When idle, it takes the first waiting
+request and waits at most `batch_wait_s` for more (up to `max_batch_size`). New requests are
+prefilled together by a one-token `generate` (left padding; images and videos packed as the
+processor packs them); the batch is then decoded by `generate` continuing from the returned cache.
+Requests that arrive while it decodes join at the next step: the decoding `generate` stops, the
+newcomers are prefilled, their rows are appended to the running ones (`rows.Rows`) and decoding
+continues. Finished and cancelled rows leave the batch at the same points. (transformers' own
+continuous batching rejects this model's linear-attention layers; this is the same idea on plain
+`generate`.) With `continuous=False` a batch runs to its end before the next one starts.
+
+Each row keeps its own sampling, stops on its own (eos, max_tokens, stop strings, cancellation,
+deadline) and streams its tokens to its own asyncio queue.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from deployments.rows import Rows, can_merge
+
 logger = logging.getLogger("ray.serve")
 
 DONE = object()  # end of one row's token stream
@@ -32,7 +39,7 @@ DONE = object()  # end of one row's token stream
 class Slot:
     """One request's row in a batch: its inputs, limits and the queue its tokens go to."""
 
-    inputs: dict  # the processor's output for this request alone (batch of 1)
+    inputs: dict | None  # the processor's output for this request alone (batch of 1); dropped once prefilled
     max_tokens: int
     min_tokens: int
     processors: LogitsProcessorList  # this row's sampling
@@ -91,10 +98,11 @@ class _RowSampler(LogitsProcessor):
 
 
 class _RowStops(StoppingCriteria):
-    """A row is done when it finished (eos, max_tokens) or its consumer asked it to stop."""
+    """A row is done when it finished (eos, max_tokens) or its consumer asked it to stop; every row
+    pauses when `interrupt()` says new requests should join."""
 
-    def __init__(self, slots: list[Slot]) -> None:
-        self._slots = slots
+    def __init__(self, slots: list[Slot], interrupt: Callable[[], bool] = lambda: False) -> None:
+        self._slots, self._interrupt = slots, interrupt
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         done, now = [], time.monotonic()
@@ -105,6 +113,8 @@ class _RowStops(StoppingCriteria):
             if slot.stop.is_set():
                 slot.finish()
             done.append(slot.finished)
+        if self._interrupt():
+            done = [True] * len(done)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -130,22 +140,24 @@ class _RowStreamer(BaseStreamer):
                 slot.finish()
 
     def end(self) -> None:
-        for slot in self._slots:
-            slot.finish()
+        pass  # a row that is not finished goes on in the next `generate`
 
 
 class BatchRunner:
-    """The replica's generation thread: forms batches from waiting slots and runs them."""
+    """The replica's generation thread: admits waiting slots into the running batch and decodes it."""
 
     def __init__(self, generate: Callable[..., object], pad_token_id: int, max_batch_size: int,
-                 batch_wait_s: float) -> None:
+                 batch_wait_s: float, continuous: bool = True) -> None:
         self._generate = generate
         self._pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
+        self.continuous = continuous
         self._wait_s = batch_wait_s
         self._waiting: queue.Queue[Slot] = queue.Queue()
-        self._active: list[Slot] = []
-        self.batch_sizes: list[int] = []  # recent batch sizes, for tests and logs
+        self._slots: list[Slot] = []  # the running batch, one slot per row of `_rows`
+        self._rows: Rows | None = None
+        self._prefilling: list[Slot] = []
+        self.batch_sizes: list[int] = []  # rows in the batch after each admission, for tests and logs
         self.last_progress = time.monotonic()  # last prefill or decode step, for health checks
         self._thread = threading.Thread(target=self._run, name="batch-generate", daemon=True)
         self._thread.start()
@@ -157,7 +169,7 @@ class BatchRunner:
         """Seconds a running batch has made no step (0 when idle); inf if the thread died."""
         if not self._thread.is_alive():
             return float("inf")
-        return time.monotonic() - self.last_progress if self._active else 0.0
+        return time.monotonic() - self.last_progress if self._slots or self._prefilling else 0.0
 
     def _mark_progress(self) -> None:
         self.last_progress = time.monotonic()
@@ -165,50 +177,111 @@ class BatchRunner:
     @property
     def running(self) -> int:
         """Rows being generated or waiting to be (cancelled rows drop out within one step)."""
-        return sum(not s.finished for s in self._active) + self._waiting.qsize()
+        return sum(not s.finished for s in [*self._slots, *self._prefilling]) + self._waiting.qsize()
 
     def _run(self) -> None:
         while True:
-            batch = self._next_batch()
-            if batch:
-                self._run_batch(batch)
+            newcomers = self._take_waiting()
+            if newcomers:
+                self._admit(newcomers)
+            if self._slots:
+                self._decode()
 
-    def _next_batch(self) -> list[Slot]:
-        batch = [self._waiting.get()]
-        deadline = time.monotonic() + self._wait_s
-        while len(batch) < self.max_batch_size:
+    def _take_waiting(self) -> list[Slot]:
+        """Slots to admit now: when idle, block for one and wait `batch_wait_s` for more; while
+        decoding (continuous mode), whatever is waiting, up to the free rows."""
+        if self._slots and not self.continuous:
+            return []
+        room = self.max_batch_size - len(self._slots)
+        taken = [] if self._slots else [self._waiting.get()]
+        deadline = time.monotonic() + (0.0 if self._slots else self._wait_s)
+        while len(taken) < room:
             try:
-                batch.append(self._waiting.get(timeout=max(0.0, deadline - time.monotonic())))
+                taken.append(self._waiting.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
-        for slot in batch:
+        for slot in taken:
             if slot.stop.is_set():  # cancelled while waiting
                 slot.finish()
-        return [slot for slot in batch if not slot.finished]
+        return [slot for slot in taken if not slot.finished]
 
-    def _run_batch(self, batch: list[Slot]) -> None:
-        self._active = batch
-        self._mark_progress()
-        self.batch_sizes = [*self.batch_sizes[-99:], len(batch)]
-        eos_ids = sorted(set().union(*(s.eos_ids for s in batch)))
-        config = GenerationConfig(
-            max_new_tokens=max(s.max_tokens for s in batch), do_sample=False,
-            eos_token_id=eos_ids, pad_token_id=self._pad_token_id,
-        )
+    def _should_admit(self) -> bool:
+        return (self.continuous and not self._waiting.empty()
+                and sum(not s.finished for s in self._slots) < self.max_batch_size)
+
+    def _admit(self, newcomers: list[Slot]) -> None:
+        """Prefill `newcomers` (their first token streams now) and append their rows to the batch."""
+        self._prefilling = newcomers
+        self.batch_sizes = [*self.batch_sizes[-99:], len(self._slots) + len(newcomers)]
+        inputs = merge_inputs([s.inputs for s in newcomers], self._pad_token_id)
+        for slot in newcomers:
+            slot.inputs = None  # the images live on in `inputs`, then only in the cache
         try:
-            with torch.inference_mode():
-                self._generate(
-                    **merge_inputs([s.inputs for s in batch], self._pad_token_id),
-                    generation_config=config, streamer=_RowStreamer(batch, self._mark_progress),
-                    logits_processor=LogitsProcessorList([_RowSampler(batch, eos_ids)]),
-                    stopping_criteria=StoppingCriteriaList([_RowStops(batch)]),
-                )
-        except Exception as exc:  # handed to every row's consumer, which re-raises it
-            logger.exception("Batched generation failed for %d requests", len(batch))
-            for slot in batch:
-                if not slot.finished:
-                    slot.send(exc)
+            out = self._generate_rows(newcomers, 1, **inputs)
+        except Exception as exc:  # only the newcomers fail; the running rows go on
+            self._fail(newcomers, exc)
+            return
         finally:
-            for slot in batch:
+            self._prefilling = []
+        new_columns = out.sequences.shape[1] - inputs["input_ids"].shape[1]
+        rows = Rows(out.sequences, torch.nn.functional.pad(inputs["attention_mask"], (0, new_columns), value=1),
+                    out.cache)
+        if self._rows is None:
+            self._slots, self._rows = newcomers, rows
+            if self.continuous and not can_merge(rows.cache):
+                logger.warning("This model's cache cannot take new rows; batches run to their end (continuous off)")
+                self.continuous = False
+        else:
+            self._rows.extend(rows, self._pad_token_id)
+            self._slots = [*self._slots, *newcomers]
+        self._drop_finished()
+
+    def _decode(self) -> None:
+        """Decode the batch until every row finished, or new requests should join."""
+        rows, slots = self._rows, self._slots
+        try:
+            out = self._generate_rows(slots, max(s.max_tokens - s.generated for s in slots), self._should_admit,
+                                      input_ids=rows.sequences, attention_mask=rows.mask, cache=rows.cache)
+        except Exception as exc:
+            self._fail(slots, exc)
+            self._slots, self._rows = [], None
+            return
+        rows.mask = torch.nn.functional.pad(rows.mask, (0, out.sequences.shape[1] - rows.width), value=1)
+        rows.sequences, rows.cache = out.sequences, out.cache
+        self._drop_finished()
+
+    def _generate_rows(self, slots: list[Slot], max_new_tokens: int, interrupt: Callable[[], bool] = lambda: False,
+                       **inputs) -> object:
+        self._mark_progress()
+        eos_ids = sorted(set().union(*(s.eos_ids for s in slots)))
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids, pad_token_id=self._pad_token_id,
+            return_dict_in_generate=True,
+        )
+        with torch.inference_mode():
+            return self._generate(
+                **inputs, generation_config=config, streamer=_RowStreamer(slots, self._mark_progress),
+                logits_processor=LogitsProcessorList([_RowSampler(slots, eos_ids)]),
+                stopping_criteria=StoppingCriteriaList([_RowStops(slots, interrupt)]),
+            )
+
+    def _drop_finished(self) -> None:
+        for slot in self._slots:
+            if slot.stop.is_set():
                 slot.finish()
-            self._active = []
+        keep = [i for i, slot in enumerate(self._slots) if not slot.finished]
+        if not keep:
+            self._slots, self._rows = [], None
+        elif len(keep) < len(self._slots):
+            self._rows.select(keep)
+            self._slots = [self._slots[i] for i in keep]
+
+    @staticmethod
+    def _fail(slots: list[Slot], exc: Exception) -> None:
+        """Hand the error to every unfinished row's consumer, which re-raises it."""
+        logger.error("Generation failed for %d requests", len(slots), exc_info=exc)
+        for slot in slots:
+            if not slot.finished:
+                slot.send(exc)
+            slot.finish()
+

@@ -40,6 +40,11 @@ class ModelSettings(BaseModel):
         default=8, ge=1, le=256,
         description="Requests generated together in one batched generate. 1: one request at a time.",
     )
+    continuous_batching: bool = Field(
+        default=True,
+        description="New requests join the running batch at the next decode step. false: they wait until every "
+        "request of the running batch has finished (simpler; lower throughput under load).",
+    )
     max_generation_s: float | None = Field(
         default=600.0, gt=0,
         description="Longest a request may take, waiting included; then it ends with finish_reason 'length'.",
@@ -49,7 +54,7 @@ class ModelSettings(BaseModel):
     )
     batch_wait_ms: float = Field(
         default=5.0, ge=0, le=1000,
-        description="How long a free replica waits for more requests to fill a batch before starting.",
+        description="How long an idle replica waits for more requests to fill a batch before starting.",
     )
 
 

@@ -1,8 +1,8 @@
 """The generation engine one model replica runs: plain Python, testable without Ray.
 
 `Engine.stream(request)` renders the prompt with the checkpoint's chat template, hands it to the
-replica's batch runner (which generates it together with other waiting requests in one
-`model.generate`), and yields typed `Chunk`s as tokens arrive. Tokens reach the event loop
+replica's batch runner (which generates it together with the other requests in the running
+batch), and yields typed `Chunk`s as tokens arrive. Tokens reach the event loop
 through `call_soon_threadsafe`, so a stream holds no thread while it waits. Closing or
 cancelling the stream stops its row within one decode step.
 """
@@ -55,7 +55,7 @@ class Engine:
         self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         pad = self.defaults.pad_token_id if self.defaults.pad_token_id is not None else self.tokenizer.pad_token_id
         self.runner = BatchRunner(
-            self.model.generate, pad, config.max_batch_size, config.batch_wait_ms / 1000
+            self.model.generate, pad, config.max_batch_size, config.batch_wait_ms / 1000, config.continuous_batching
         )
 
     @property

@@ -1,4 +1,5 @@
-"""Concurrent requests generated together in one batched `generate`, on the real tiny checkpoint."""
+"""Concurrent requests generated together in one batch, on the real tiny checkpoint: rows that start
+together, rows that join a running batch, rows that leave it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import time
 import pytest
 from PIL import Image
 
+from transformers import LogitsProcessorList
+
+from deployments.batching import Slot
 from deployments.config import ModelConfig
 from deployments.engine import Engine
 from deployments.types import ChatMessage, GenerationRequest, SamplingParams
@@ -18,6 +22,12 @@ def batched(tiny_checkpoints) -> Engine:
     # A long wait makes requests submitted together land in one batch, deterministically.
     return Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]),
                               max_batch_size=8, batch_wait_ms=300))
+
+
+@pytest.fixture(scope="module")
+def static(tiny_checkpoints) -> Engine:
+    return Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]),
+                              max_batch_size=8, batch_wait_ms=0, continuous_batching=False))
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +121,89 @@ async def test_a_batch_of_one_still_streams_token_by_token(one_at_a_time):
     both = await asyncio.gather(*(run(one_at_a_time, request) for _ in range(2)))
     assert one_at_a_time.runner.batch_sizes[-2:] == [1, 1]
     assert both[0][0] == both[1][0]
+
+
+def ask(content: list, tokens: int, **sampling) -> GenerationRequest:
+    return GenerationRequest([ChatMessage("user", content)], enable_thinking=False,
+                             sampling=SamplingParams(max_tokens=tokens, min_tokens=tokens, **{"temperature": 0.0, **sampling}))
+
+
+async def run_joining_after(engine: Engine, first: GenerationRequest, later: list[GenerationRequest],
+                            after_chunks: int = 3) -> list[str]:
+    """Start `first`; once it has streamed `after_chunks` chunks, send `later` (they join its batch)."""
+    started = asyncio.Event()
+
+    async def lead() -> str:
+        text, seen = "", 0
+        async for chunk in engine.stream(first):
+            text, seen = text + chunk.content, seen + 1
+            if seen == after_chunks:
+                started.set()
+        return text
+
+    async def follow(request: GenerationRequest) -> str:
+        await started.wait()
+        return (await run(engine, request))[0]
+
+    return list(await asyncio.gather(lead(), *(follow(r) for r in later)))
+
+
+async def test_requests_joining_a_running_batch_get_the_same_greedy_output_as_alone(batched, one_at_a_time):
+    image = Image.new("RGB", (300, 200), "green")
+    first = ask(["a long answer please"], 60)
+    later = [ask(["hi"], 20), ask([image, "describe this picture in detail, thoroughly"], 25), ask(["more"], 8)]
+    alone = [(await run(one_at_a_time, r))[0] for r in [first, *later]]
+    sizes_before = len(batched.runner.batch_sizes)
+    together = await run_joining_after(batched, first, later)
+    sizes = batched.runner.batch_sizes[sizes_before:]
+    assert sizes[0] == 1 and max(sizes) == 4, f"the later requests joined the first one's batch: {sizes}"
+    assert together == alone
+
+
+async def test_rows_leave_and_join_while_others_run(batched, one_at_a_time):
+    """The longest prompt finishes first (its padding columns go), a newcomer joins, another row runs throughout."""
+    longest = ask(["a much longer question about the weather today, tomorrow and the day after"], 4)
+    steady = ask(["steady"], 50)
+    newcomer = ask(["newcomer"], 15, temperature=1.0, seed=7)
+    alone = [(await run(one_at_a_time, r))[0] for r in (steady, longest, newcomer)]
+    sizes_before = len(batched.runner.batch_sizes)
+    together = await run_joining_after(batched, steady, [longest])
+    after = await run_joining_after(batched, steady, [newcomer], after_chunks=10)
+    assert batched.runner.batch_sizes[sizes_before:] == [1, 2, 1, 2]
+    assert together == alone[:2] and after == [alone[0], alone[2]]
+
+
+async def test_without_continuous_batching_newcomers_wait_for_the_running_batch(static, one_at_a_time):
+    first, later = ask(["first"], 40), [ask(["second"], 10)]
+    alone = [(await run(one_at_a_time, r))[0] for r in [first, *later]]
+    sizes_before = len(static.runner.batch_sizes)
+    together = await run_joining_after(static, first, later)
+    assert static.runner.batch_sizes[sizes_before:] == [1, 1]
+    assert together == alone
+
+
+async def test_a_newcomer_whose_prefill_fails_leaves_the_running_rows_untouched(batched, one_at_a_time):
+    steady = ask(["steady"], 40)
+    alone = (await run(one_at_a_time, steady))[0]
+    started = asyncio.Event()
+
+    async def lead() -> str:
+        text, seen = "", 0
+        async for chunk in batched.stream(steady):
+            text, seen = text + chunk.content, seen + 1
+            if seen == 3:
+                started.set()
+        return text
+
+    async def broken() -> None:
+        await started.wait()
+        prepared = batched.prepare(ask(["broken"], 5))
+        prepared.inputs["input_ids"][0, -1] = batched.model.config.get_text_config().vocab_size + 100  # no such token
+        slot = Slot(inputs=prepared.inputs, max_tokens=5, min_tokens=0, processors=LogitsProcessorList(),
+                    eos_ids=prepared.eos_ids, loop=asyncio.get_running_loop())
+        batched.runner.submit(slot)
+        item = await slot.tokens.get()
+        assert isinstance(item, IndexError)
+
+    text, _ = await asyncio.gather(lead(), broken())
+    assert text == alone
