@@ -5,19 +5,27 @@ from __future__ import annotations
 import os
 import socket
 
+_url: str | None = None
+
 
 def start_app(args: dict, name: str = "bench") -> str:
-    """Start Ray and Serve in this process, deploy `build_app(args)` at /, return its base URL."""
+    """Deploy `build_app(args)` at / (starting Ray and Serve in this process on first use); return its base URL.
+
+    Calling it again with other args replaces the application in place.
+    """
+    global _url
     import ray
     from ray import serve
 
     from deployments.config import AppArgs
     from serve_app import build_app
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    if _url is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        _url = f"http://127.0.0.1:{port}"
     serve.run(build_app(AppArgs.model_validate(args)), name=name, route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    return _url

@@ -5,7 +5,8 @@
 
 In one run on one machine it measures the in-process baseline (plain `generate`, tokens/s and
 time to first token), then starts Ray Serve with one replica of the same checkpoint and streams
-over HTTP at each concurrency, and prints the ratios that matter. Raw numbers go to JSON, a plot
+over HTTP at each concurrency, once per batching mode (continuous: new requests join the
+running batch; static: they wait for it to end), and prints the ratios that matter. Raw numbers go to JSON, a plot
 to PNG. Every request asks for exactly `--tokens` tokens (min_tokens), so random weights cannot
 end early.
 """
@@ -107,30 +108,45 @@ async def _stream_once(client: httpx.AsyncClient, tokens: int) -> tuple[float, f
 
 
 async def over_http(url: str, tokens: int, concurrency: int, rounds: int) -> dict:
-    """`concurrency` streams at once, `rounds` times; one shared keep-alive client."""
+    """`concurrency` clients streaming `rounds` requests each, back to back, over one keep-alive client pool."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         await _stream_once(client, 4)  # warm up connections and the replica
-        ttfts, per_stream, total_tokens = [], [], 0
+        results = []
+
+        async def one_client() -> None:
+            for _ in range(rounds):
+                results.append(await _stream_once(client, tokens))
+
         started = time.perf_counter()
-        for _ in range(rounds):
-            results = await asyncio.gather(*(_stream_once(client, tokens) for _ in range(concurrency)))
-            for ttft, duration, completion in results:
-                ttfts.append(ttft)
-                per_stream.append(completion / duration)
-                total_tokens += completion
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    ttfts.sort()
+    ttfts = sorted(ttft for ttft, _, _ in results)
     return {"concurrency": concurrency, "requests": len(ttfts), "ttft_p50_s": statistics.median(ttfts),
             "ttft_p95_s": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
-            "tokens_per_s_per_stream": statistics.median(per_stream), "aggregate_tokens_per_s": total_tokens / wall}
+            "tokens_per_s_per_stream": statistics.median(c / d for _, d, c in results),
+            "aggregate_tokens_per_s": sum(c for _, _, c in results) / wall}
 
 
-def start_service(checkpoint: str, batch: int, batch_wait_ms: float, threads: int) -> str:
+def _ratios(baseline: dict, levels: list[dict], direct: list[dict]) -> dict:
+    by_c = {level["concurrency"]: level for level in levels}
+    ratios = {}
+    if 1 in by_c:
+        ratios["http_single_stream_over_in_process"] = by_c[1]["tokens_per_s_per_stream"] / baseline["tokens_per_s"]
+        ratios["ttft_overhead_p50_ms"] = (by_c[1]["ttft_p50_s"] - baseline["ttft_p50_s"]) * 1000
+        if 8 in by_c:
+            ratios["aggregate_8_over_1"] = by_c[8]["aggregate_tokens_per_s"] / by_c[1]["aggregate_tokens_per_s"]
+            engine_by_c = {level["concurrency"]: level for level in direct}
+            ratios["engine_aggregate_8_over_1"] = (engine_by_c[8]["aggregate_tokens_per_s"]
+                                                   / engine_by_c[1]["aggregate_tokens_per_s"])
+    return ratios
+
+
+def start_service(checkpoint: str, batch: int, batch_wait_ms: float, threads: int, continuous: bool) -> str:
     gpu = 1 if torch.cuda.is_available() else 0
     return start_app({
         "instruct": {"model": {"checkpoint": checkpoint, "max_batch_size": batch, "batch_wait_ms": batch_wait_ms,
-                               "torch_threads": threads, "max_model_len": 32768},
+                               "torch_threads": threads, "max_model_len": 32768, "continuous_batching": continuous},
                      "deployment": {"num_replicas": 1, "max_queued_requests": 256,
                                     "ray_actor_options": {"num_cpus": 1, "num_gpus": gpu}}},
         "thinking": None,
@@ -144,20 +160,20 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = results["service"]
-    xs = [r["concurrency"] for r in levels]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot(xs, [r["aggregate_tokens_per_s"] for r in levels], "o-", label="service, aggregate")
-    left.plot(xs, [r["tokens_per_s_per_stream"] for r in levels], "s-", label="service, per stream")
+    for mode, levels in results["service"].items():
+        xs = [r["concurrency"] for r in levels]
+        left.plot(xs, [r["aggregate_tokens_per_s"] for r in levels], "o-", label=f"service ({mode}), aggregate")
+        left.plot(xs, [r["tokens_per_s_per_stream"] for r in levels], "s-", label=f"service ({mode}), per stream")
+        right.plot(xs, [r["ttft_p50_s"] * 1000 for r in levels], "o-", label=f"{mode} p50")
+        right.plot(xs, [r["ttft_p95_s"] * 1000 for r in levels], "s:", label=f"{mode} p95")
     left.plot([r["concurrency"] for r in results["engine_direct"]],
               [r["aggregate_tokens_per_s"] for r in results["engine_direct"]], "^:", label="engine, no Ray/HTTP")
     left.axhline(results["in_process"]["tokens_per_s"], color="gray", ls="--", label="in-process generate")
     left.set(xlabel="concurrent streams", ylabel="tokens/s", title="Throughput")
     left.legend()
-    right.plot(xs, [r["ttft_p50_s"] * 1000 for r in levels], "o-", label="p50")
-    right.plot(xs, [r["ttft_p95_s"] * 1000 for r in levels], "s-", label="p95")
     right.axhline(results["in_process"]["ttft_p50_s"] * 1000, color="gray", ls="--", label="in-process p50")
-    right.set(xlabel="concurrent streams", ylabel="ms", title="Time to first token")
+    right.set(xlabel="concurrent streams", ylabel="ms", title="Time to first token", yscale="log")
     right.legend()
     fig.suptitle(f"{results['checkpoint']} on {results['device']}")
     fig.tight_layout()
@@ -170,9 +186,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="a checkpoint directory or hub id instead of a preset")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     parser.add_argument("--concurrency", default="1,4,8,16")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of requests at each concurrency")
+    parser.add_argument("--rounds", type=int, default=2, help="requests each client sends at each concurrency")
     parser.add_argument("--batch", type=int, default=16, help="max_batch_size of the replica")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="batch_wait_ms of the replica")
+    parser.add_argument("--batching", default="continuous,static",
+                        help="batching modes to measure through the service, in order: continuous, static")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (CPU)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args()
@@ -190,30 +208,20 @@ def main() -> None:
     for level in direct:
         print(f"engine x{level['concurrency']:<3} (no Ray/HTTP) aggregate {level['aggregate_tokens_per_s']:7.1f} tok/s")
 
-    url = start_service(checkpoint, args.batch, args.batch_wait_ms, args.threads)
-    levels = []
-    for concurrency in concurrency_levels:
-        level = asyncio.run(over_http(url, args.tokens, concurrency, args.rounds))
-        levels.append(level)
-        print(f"HTTP x{concurrency:<3} TTFT p50 {level['ttft_p50_s'] * 1000:7.1f} ms  p95 "
-              f"{level['ttft_p95_s'] * 1000:7.1f} ms  per stream {level['tokens_per_s_per_stream']:6.1f} tok/s  "
-              f"aggregate {level['aggregate_tokens_per_s']:7.1f} tok/s")
-
-    by_c = {level["concurrency"]: level for level in levels}
-    ratios = {}
-    if 1 in by_c:
-        ratios["http_single_stream_over_in_process"] = by_c[1]["tokens_per_s_per_stream"] / baseline["tokens_per_s"]
-        ratios["ttft_overhead_p50_ms"] = (by_c[1]["ttft_p50_s"] - baseline["ttft_p50_s"]) * 1000
-        if 8 in by_c:
-            ratios["aggregate_8_over_1"] = by_c[8]["aggregate_tokens_per_s"] / by_c[1]["aggregate_tokens_per_s"]
-            engine_by_c = {level["concurrency"]: level for level in direct}
-            ratios["engine_aggregate_8_over_1"] = (engine_by_c[8]["aggregate_tokens_per_s"]
-                                                   / engine_by_c[1]["aggregate_tokens_per_s"])
-    print("ratios:", ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
+    service, ratios = {}, {}
+    for mode in args.batching.split(","):
+        url = start_service(checkpoint, args.batch, args.batch_wait_ms, args.threads, continuous=mode == "continuous")
+        service[mode] = [asyncio.run(over_http(url, args.tokens, c, args.rounds)) for c in concurrency_levels]
+        for level in service[mode]:
+            print(f"HTTP {mode:<10} x{level['concurrency']:<3} TTFT p50 {level['ttft_p50_s'] * 1000:7.1f} ms  p95 "
+                  f"{level['ttft_p95_s'] * 1000:7.1f} ms  per stream {level['tokens_per_s_per_stream']:6.1f} tok/s  "
+                  f"aggregate {level['aggregate_tokens_per_s']:7.1f} tok/s")
+        ratios[mode] = _ratios(baseline, service[mode], direct)
+        print(f"ratios ({mode}):", ", ".join(f"{k} = {v:.2f}" for k, v in ratios[mode].items()))
     print("targets: http_single_stream_over_in_process >= 0.90, ttft_overhead_p50_ms <= 50, aggregate_8_over_1 >= 3")
 
     results = {"checkpoint": checkpoint, "device": device, "tokens": args.tokens, "batch": args.batch, "batch_wait_ms": args.batch_wait_ms,
-               "threads": args.threads, "in_process": baseline, "engine_direct": direct, "service": levels, "ratios": ratios,
+               "threads": args.threads, "in_process": baseline, "engine_direct": direct, "service": service, "ratios": ratios,
                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"throughput-{preset if not args.checkpoint else 'checkpoint'}-wait{args.batch_wait_ms:g}ms"
