@@ -85,10 +85,10 @@ async def engine_direct(checkpoint: str, tokens: int, concurrency: list[int], ba
     await one()
     levels = []
     for count in concurrency:
-        started = time.perf_counter()
+        admissions, started = len(engine.runner.batch_sizes), time.perf_counter()
         await asyncio.gather(*(one() for _ in range(count)))
         levels.append({"concurrency": count, "aggregate_tokens_per_s": count * tokens / (time.perf_counter() - started),
-                       "batch_sizes": engine.runner.batch_sizes[-count:]})
+                       "rows_after_each_admission": engine.runner.batch_sizes[admissions:]})
     return levels
 
 
@@ -161,14 +161,15 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for mode, levels in results["service"].items():
+    for color, (mode, levels) in zip(("C0", "C1", "C2"), results["service"].items()):
         xs = [r["concurrency"] for r in levels]
-        left.plot(xs, [r["aggregate_tokens_per_s"] for r in levels], "o-", label=f"service ({mode}), aggregate")
-        left.plot(xs, [r["tokens_per_s_per_stream"] for r in levels], "s-", label=f"service ({mode}), per stream")
-        right.plot(xs, [r["ttft_p50_s"] * 1000 for r in levels], "o-", label=f"{mode} p50")
-        right.plot(xs, [r["ttft_p95_s"] * 1000 for r in levels], "s:", label=f"{mode} p95")
+        left.plot(xs, [r["aggregate_tokens_per_s"] for r in levels], "o-", color=color, label=f"service ({mode}), aggregate")
+        left.plot(xs, [r["tokens_per_s_per_stream"] for r in levels], "s--", color=color,
+                  label=f"service ({mode}), per stream")
+        right.plot(xs, [r["ttft_p50_s"] * 1000 for r in levels], "o-", color=color, label=f"{mode} p50")
+        right.plot(xs, [r["ttft_p95_s"] * 1000 for r in levels], "s:", color=color, label=f"{mode} p95")
     left.plot([r["concurrency"] for r in results["engine_direct"]],
-              [r["aggregate_tokens_per_s"] for r in results["engine_direct"]], "^:", label="engine, no Ray/HTTP")
+              [r["aggregate_tokens_per_s"] for r in results["engine_direct"]], "^:", color="C4", label="engine, no Ray/HTTP")
     left.axhline(results["in_process"]["tokens_per_s"], color="gray", ls="--", label="in-process generate")
     left.set(xlabel="concurrent streams", ylabel="tokens/s", title="Throughput")
     left.legend()

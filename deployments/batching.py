@@ -6,9 +6,10 @@ prefilled together by a one-token `generate` (left padding; images and videos pa
 processor packs them); the batch is then decoded by `generate` continuing from the returned cache.
 Requests that arrive while it decodes join at the next step: the decoding `generate` stops, the
 newcomers are prefilled, their rows are appended to the running ones (`rows.Rows`) and decoding
-continues. Finished and cancelled rows leave the batch at the same points. (transformers' own
+continues. Finished and cancelled rows leave the batch the step after they end. (transformers' own
 continuous batching rejects this model's linear-attention layers; this is the same idea on plain
-`generate`.) With `continuous=False` a batch runs to its end before the next one starts.
+`generate`.) With `continuous=False` a batch runs to its end (finished rows riding along as
+padding) before the next one starts.
 
 Each row keeps its own sampling, stops on its own (eos, max_tokens, stop strings, cancellation,
 deadline) and streams its tokens to its own asyncio queue.
@@ -205,9 +206,17 @@ class BatchRunner:
                 slot.finish()
         return [slot for slot in taken if not slot.finished]
 
-    def _should_admit(self) -> bool:
-        return (self.continuous and not self._waiting.empty()
-                and sum(not s.finished for s in self._slots) < self.max_batch_size)
+    @property
+    def rows_in_batch(self) -> int:
+        """Rows the running batch computes, finished ones not yet dropped included."""
+        return len(self._slots)
+
+    def _should_pause(self) -> bool:
+        """Whether decoding should stop after this step, to drop finished rows or admit waiting requests."""
+        if not self.continuous:
+            return False
+        unfinished = sum(not s.finished for s in self._slots)
+        return unfinished < len(self._slots) or (unfinished < self.max_batch_size and not self._waiting.empty())
 
     def _admit(self, newcomers: list[Slot]) -> None:
         """Prefill `newcomers` (their first token streams now) and append their rows to the batch."""
@@ -237,10 +246,10 @@ class BatchRunner:
         self._drop_finished()
 
     def _decode(self) -> None:
-        """Decode the batch until every row finished, or new requests should join."""
+        """Decode the batch until every row finished, a row finished (to drop it) or new requests should join."""
         rows, slots = self._rows, self._slots
         try:
-            out = self._generate_rows(slots, max(s.max_tokens - s.generated for s in slots), self._should_admit,
+            out = self._generate_rows(slots, max(s.max_tokens - s.generated for s in slots), self._should_pause,
                                       input_ids=rows.sequences, attention_mask=rows.mask, cache=rows.cache)
         except Exception as exc:
             self._fail(slots, exc)

@@ -27,7 +27,7 @@ def batched(tiny_checkpoints) -> Engine:
 @pytest.fixture(scope="module")
 def static(tiny_checkpoints) -> Engine:
     return Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]),
-                              max_batch_size=8, batch_wait_ms=0, continuous_batching=False))
+                              max_batch_size=8, batch_wait_ms=300, continuous_batching=False))
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +207,21 @@ async def test_a_newcomer_whose_prefill_fails_leaves_the_running_rows_untouched(
 
     text, _ = await asyncio.gather(lead(), broken())
     assert text == alone
+
+
+async def test_a_finished_row_stops_costing_compute_while_the_others_decode(batched, static):
+    for engine, rows_left in ((batched, 1), (static, 2)):
+        short_done = asyncio.Event()
+        counts = []
+
+        async def short() -> None:
+            await run(engine, ask(["short"], 3))
+            short_done.set()
+
+        async def long() -> None:
+            async for _ in engine.stream(ask(["long"], 300)):
+                if short_done.is_set() and len(counts) < 20:
+                    counts.append(engine.runner.rows_in_batch)
+
+        await asyncio.gather(short(), long())
+        assert counts and counts[-1] == rows_left, f"rows in the batch after the short request ended: {counts}"
