@@ -148,8 +148,10 @@ class BatchRunner:
     """The replica's generation thread: admits waiting slots into the running batch and decodes it."""
 
     def __init__(self, generate: Callable[..., object], pad_token_id: int, max_batch_size: int,
-                 batch_wait_s: float, continuous: bool = True) -> None:
+                 batch_wait_s: float, continuous: bool = True,
+                 on_rows: Callable[[int], None] = lambda rows: None) -> None:
         self._generate = generate
+        self._on_rows = on_rows  # told the batch's row count whenever it changes (a metrics gauge)
         self._pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
         self.continuous = continuous
@@ -243,6 +245,7 @@ class BatchRunner:
         else:
             self._rows.extend(rows, self._pad_token_id)
             self._slots = [*self._slots, *newcomers]
+        self._on_rows(len(self._slots))
         self._drop_finished()
 
     def _decode(self) -> None:
@@ -254,6 +257,7 @@ class BatchRunner:
         except Exception as exc:
             self._fail(slots, exc)
             self._slots, self._rows = [], None
+            self._on_rows(0)
             return
         rows.mask = torch.nn.functional.pad(rows.mask, (0, out.sequences.shape[1] - rows.width), value=1)
         rows.sequences, rows.cache = out.sequences, out.cache
@@ -279,11 +283,14 @@ class BatchRunner:
             if slot.stop.is_set():
                 slot.finish()
         keep = [i for i, slot in enumerate(self._slots) if not slot.finished]
-        if not keep:
-            self._slots, self._rows = [], None
-        elif len(keep) < len(self._slots):
+        if len(keep) == len(self._slots):
+            return
+        if keep:
             self._rows.select(keep)
             self._slots = [self._slots[i] for i in keep]
+        else:
+            self._slots, self._rows = [], None
+        self._on_rows(len(self._slots))
 
     @staticmethod
     def _fail(slots: list[Slot], exc: Exception) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +42,7 @@ class _Prepared:
 class Engine:
     """One loaded checkpoint and the code that streams generations from it."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, on_batch_rows: Callable[[int], None] = lambda rows: None) -> None:
         self.config = config
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
@@ -55,7 +55,8 @@ class Engine:
         self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         pad = self.defaults.pad_token_id if self.defaults.pad_token_id is not None else self.tokenizer.pad_token_id
         self.runner = BatchRunner(
-            self.model.generate, pad, config.max_batch_size, config.batch_wait_ms / 1000, config.continuous_batching
+            self.model.generate, pad, config.max_batch_size, config.batch_wait_ms / 1000, config.continuous_batching,
+            on_batch_rows,
         )
 
     @property

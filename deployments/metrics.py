@@ -57,6 +57,11 @@ def active_streams_gauge() -> Gauge:
                  tag_keys=("variant",))
 
 
+def batch_rows_gauge() -> Gauge:
+    """Rows in a model replica's running batch (how full continuous batching keeps it)."""
+    return Gauge("minicpm_batch_rows", description="Rows in this replica's running batch.", tag_keys=("variant",))
+
+
 @dataclass
 class RequestTrace:
     """Timing and outcome of one request, reported once at its end."""

@@ -11,7 +11,7 @@ from ray import serve
 
 from deployments.config import ModelConfig
 from deployments.engine import Engine
-from deployments.metrics import active_streams_gauge
+from deployments.metrics import active_streams_gauge, batch_rows_gauge
 from deployments.types import Chunk, GenerationRequest
 
 
@@ -20,10 +20,11 @@ class ModelDeployment:
     """Loads one checkpoint and streams generations from it."""
 
     def __init__(self, config: ModelConfig) -> None:
-        self.engine = Engine(config)
+        self._tags = {"variant": config.variant}
+        batch_rows = batch_rows_gauge()
+        self.engine = Engine(config, on_batch_rows=lambda rows: batch_rows.set(rows, tags=self._tags))
         self._active = 0
         self._active_gauge = active_streams_gauge()
-        self._tags = {"variant": config.variant}
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Yield the engine's chunks; cancellation by the caller stops generation."""

@@ -122,16 +122,16 @@ def test_media_decode_time_is_recorded_by_kind(traffic):
     assert delta(traffic, "ray_minicpm_media_decode_seconds_count", kind="video") == 0
 
 
-def test_active_streams_gauge_exists_per_variant_and_returns_to_zero(traffic, metrics_port):
+@pytest.mark.parametrize("gauge", ["ray_minicpm_active_streams", "ray_minicpm_batch_rows"])
+def test_replica_gauges_exist_per_variant_and_return_to_zero(traffic, metrics_port, gauge):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         samples = scrape(metrics_port)
         names = {(n, dict(k).get("variant")) for n, k in samples}
-        if {("ray_minicpm_active_streams", "instruct"), ("ray_minicpm_active_streams", "thinking")} <= names and \
-                value(samples, "ray_minicpm_active_streams") == 0:
+        if {(gauge, "instruct"), (gauge, "thinking")} <= names and value(samples, gauge) == 0:
             return
         time.sleep(0.5)
-    pytest.fail("active_streams did not settle at 0 for both variants")
+    pytest.fail(f"{gauge} did not settle at 0 for both variants")
 
 
 def serve_logs(pattern: str) -> str:
