@@ -29,3 +29,14 @@ def start_app(args: dict, name: str = "bench") -> str:
         _url = f"http://127.0.0.1:{port}"
     serve.run(build_app(AppArgs.model_validate(args)), name=name, route_prefix="/")
     return _url
+
+
+def stop_app() -> None:
+    """Shut Serve and Ray down (the next `start_app` starts them again)."""
+    global _url
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+    _url = None

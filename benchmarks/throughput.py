@@ -4,7 +4,8 @@
     python -m benchmarks.throughput --preset full-size   # GPU: real dimensions
 
 In one run on one machine it measures the in-process baseline (plain `generate`, tokens/s and
-time to first token), then starts Ray Serve with one replica of the same checkpoint and streams
+time to first token; measured before and again after the service runs, as the speed of a shared
+machine drifts, and averaged), then starts Ray Serve with one replica of the same checkpoint and streams
 over HTTP at each concurrency, once per batching mode (continuous: new requests join the
 running batch; static: they wait for it to end), and prints the ratios that matter. Raw numbers go to JSON, a plot
 to PNG. Every request asks for exactly `--tokens` tokens (min_tokens), so random weights cannot
@@ -25,7 +26,7 @@ import httpx
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from benchmarks.service import start_app
+from benchmarks.service import start_app, stop_app
 
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
 
@@ -200,8 +201,8 @@ def main() -> None:
     checkpoint = args.checkpoint or f"preset:{preset}"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
     print(f"Benchmark: {checkpoint} on {device}, {args.tokens} tokens per request")
-    baseline = in_process(checkpoint, args.tokens, runs=3, threads=args.threads)
-    print(f"in-process generate: {baseline['tokens_per_s']:.1f} tok/s, TTFT p50 {baseline['ttft_p50_s'] * 1000:.1f} ms")
+    before = in_process(checkpoint, args.tokens, runs=3, threads=args.threads)
+    print(f"in-process generate: {before['tokens_per_s']:.1f} tok/s, TTFT p50 {before['ttft_p50_s'] * 1000:.1f} ms")
 
     concurrency_levels = [int(c) for c in args.concurrency.split(",")]
     direct = asyncio.run(engine_direct(checkpoint, args.tokens, concurrency_levels, args.batch, args.batch_wait_ms,
@@ -209,7 +210,7 @@ def main() -> None:
     for level in direct:
         print(f"engine x{level['concurrency']:<3} (no Ray/HTTP) aggregate {level['aggregate_tokens_per_s']:7.1f} tok/s")
 
-    service, ratios = {}, {}
+    service = {}
     for mode in args.batching.split(","):
         url = start_service(checkpoint, args.batch, args.batch_wait_ms, args.threads, continuous=mode == "continuous")
         service[mode] = [asyncio.run(over_http(url, args.tokens, c, args.rounds)) for c in concurrency_levels]
@@ -217,13 +218,21 @@ def main() -> None:
             print(f"HTTP {mode:<10} x{level['concurrency']:<3} TTFT p50 {level['ttft_p50_s'] * 1000:7.1f} ms  p95 "
                   f"{level['ttft_p95_s'] * 1000:7.1f} ms  per stream {level['tokens_per_s_per_stream']:6.1f} tok/s  "
                   f"aggregate {level['aggregate_tokens_per_s']:7.1f} tok/s")
-        ratios[mode] = _ratios(baseline, service[mode], direct)
-        print(f"ratios ({mode}):", ", ".join(f"{k} = {v:.2f}" for k, v in ratios[mode].items()))
+    stop_app()
+
+    after = in_process(checkpoint, args.tokens, runs=3, threads=args.threads)
+    baseline = {key: (before[key] + after[key]) / 2 for key in ("tokens_per_s", "ttft_p50_s")}
+    print(f"in-process generate again: {after['tokens_per_s']:.1f} tok/s, TTFT p50 {after['ttft_p50_s'] * 1000:.1f} ms "
+          f"(baseline: the mean, {baseline['tokens_per_s']:.1f} tok/s, {baseline['ttft_p50_s'] * 1000:.1f} ms)")
+    ratios = {mode: _ratios(baseline, levels, direct) for mode, levels in service.items()}
+    for mode, values in ratios.items():
+        print(f"ratios ({mode}):", ", ".join(f"{k} = {v:.2f}" for k, v in values.items()))
     print("targets: http_single_stream_over_in_process >= 0.90, ttft_overhead_p50_ms <= 50, aggregate_8_over_1 >= 3")
 
-    results = {"checkpoint": checkpoint, "device": device, "tokens": args.tokens, "batch": args.batch, "batch_wait_ms": args.batch_wait_ms,
-               "threads": args.threads, "in_process": baseline, "engine_direct": direct, "service": service, "ratios": ratios,
-               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    results = {"checkpoint": checkpoint, "device": device, "tokens": args.tokens, "batch": args.batch,
+               "batch_wait_ms": args.batch_wait_ms, "threads": args.threads, "in_process": baseline,
+               "in_process_before": before, "in_process_after": after, "engine_direct": direct, "service": service,
+               "ratios": ratios, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"throughput-{preset if not args.checkpoint else 'checkpoint'}-wait{args.batch_wait_ms:g}ms"
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
