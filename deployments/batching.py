@@ -99,8 +99,8 @@ class _RowSampler(LogitsProcessor):
 
 
 class _RowStops(StoppingCriteria):
-    """A row is done when it finished (eos, max_tokens) or its consumer asked it to stop; every row
-    pauses when `interrupt()` says new requests should join."""
+    """A row is done when it finished (eos, max_tokens, deadline) or its consumer asked it to stop;
+    every row pauses when `interrupt()` says the batch should change (rows to drop or to admit)."""
 
     def __init__(self, slots: list[Slot], interrupt: Callable[[], bool] = lambda: False) -> None:
         self._slots, self._interrupt = slots, interrupt

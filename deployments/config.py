@@ -88,7 +88,7 @@ class DeploymentOptions(BaseModel):
     max_ongoing_requests: int | None = Field(
         default=None, ge=1,
         description="Requests one replica accepts at once. Model deployments default to 2 x max_batch_size "
-        "(one batch generating, one waiting); the router to 256.",
+        "(a full batch generating, as many waiting for a free row); the router to 256.",
     )
     max_queued_requests: int = Field(
         default=64, ge=-1, description="Requests waiting for a replica before new ones get 503 (-1: unbounded)."
@@ -118,8 +118,9 @@ class VariantArgs(BaseModel):
     def serve_options(self) -> dict:
         """Deployment options with queue sizes derived from the batch size where not set.
 
-        A replica takes 2 batches of requests (one generating, one waiting), and the autoscaler
-        aims at one full batch per replica, so replicas are added only when batches are full.
+        A replica takes 2 batches of requests (a full batch generating, as many waiting for a free
+        row), and the autoscaler aims at one full batch per replica, so replicas are added only when
+        batches are full.
         """
         options = self.deployment.serve_options()
         batch = self.model.max_batch_size
