@@ -29,6 +29,7 @@ from transformers.generation.streamers import BaseStreamer
 from benchmarks.service import start_app, stop_app
 
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
+MIN_REQUESTS = 8  # per concurrency level, so that a median at concurrency 1 is not a median of two
 
 
 class _FirstToken(BaseStreamer):
@@ -109,14 +110,15 @@ async def _stream_once(client: httpx.AsyncClient, tokens: int) -> tuple[float, f
 
 
 async def over_http(url: str, tokens: int, concurrency: int, rounds: int) -> dict:
-    """`concurrency` clients streaming `rounds` requests each, back to back, over one keep-alive client pool."""
+    """`concurrency` clients streaming `rounds` requests each (MIN_REQUESTS in all at least), back to back, over
+    one keep-alive client pool."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         await _stream_once(client, 4)  # warm up connections and the replica
         results = []
 
         async def one_client() -> None:
-            for _ in range(rounds):
+            for _ in range(max(rounds, -(-MIN_REQUESTS // concurrency))):
                 results.append(await _stream_once(client, tokens))
 
         started = time.perf_counter()
@@ -188,12 +190,14 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="a checkpoint directory or hub id instead of a preset")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     parser.add_argument("--concurrency", default="1,4,8,16")
-    parser.add_argument("--rounds", type=int, default=2, help="requests each client sends at each concurrency")
+    parser.add_argument("--rounds", type=int, default=2, help="requests each client sends at each concurrency (at least 8 in all)")
     parser.add_argument("--batch", type=int, default=16, help="max_batch_size of the replica")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="batch_wait_ms of the replica")
     parser.add_argument("--batching", default="continuous,static",
                         help="batching modes to measure through the service, in order: continuous, static")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (CPU)")
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                        help="torch threads (CPU), for the baseline and the replica alike. Default: all cores but one, "
+                        "which the serving path (proxy, router, Ray) needs")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args()
 
@@ -213,6 +217,7 @@ def main() -> None:
     service = {}
     for mode in args.batching.split(","):
         url = start_service(checkpoint, args.batch, args.batch_wait_ms, args.threads, continuous=mode == "continuous")
+        time.sleep(5)  # let the work of deploying (controller, health checks) settle before measuring
         service[mode] = [asyncio.run(over_http(url, args.tokens, c, args.rounds)) for c in concurrency_levels]
         for level in service[mode]:
             print(f"HTTP {mode:<10} x{level['concurrency']:<3} TTFT p50 {level['ttft_p50_s'] * 1000:7.1f} ms  p95 "
