@@ -225,3 +225,36 @@ async def test_a_finished_row_stops_costing_compute_while_the_others_decode(batc
 
         await asyncio.gather(short(), long())
         assert counts and counts[-1] == rows_left, f"rows in the batch after the short request ended: {counts}"
+
+
+async def test_cancelling_a_row_that_joined_leaves_the_running_row_untouched(batched, one_at_a_time):
+    steady = ask(["steady"], 300)
+    alone = (await run(one_at_a_time, steady))[0]
+    started, lead_done = asyncio.Event(), asyncio.Event()
+
+    async def lead() -> str:
+        text, seen = "", 0
+        async for chunk in batched.stream(steady):
+            text, seen = text + chunk.content, seen + 1
+            if seen == 3:
+                started.set()
+        lead_done.set()
+        return text
+
+    async def join_then_leave() -> list[int]:
+        await started.wait()
+        seen = 0
+        async for _ in batched.stream(ask(["joins, then leaves"], 2000)):
+            seen += 1
+            if seen == 2:
+                break  # closing the generator cancels this row
+        rows = [batched.runner.rows_in_batch]
+        while rows[-1] == 2 and not lead_done.is_set():
+            await asyncio.sleep(0.005)
+            rows.append(batched.runner.rows_in_batch)
+        assert not lead_done.is_set(), "the cancelled row left while the other one was still generating"
+        return rows
+
+    text, rows = await asyncio.gather(lead(), join_then_leave())
+    assert rows[0] == 2 and rows[-1] == 1
+    assert text == alone
