@@ -185,10 +185,15 @@ class BatchRunner:
     def _run(self) -> None:
         while True:
             newcomers = self._take_waiting()
-            if newcomers:
-                self._admit(newcomers)
-            if self._slots:
-                self._decode()
+            try:
+                if newcomers:
+                    self._admit(newcomers)
+                if self._slots:
+                    self._decode()
+            except Exception as exc:  # decoding or merging rows failed: end what runs, keep serving
+                self._fail([*self._slots, *newcomers], exc)
+                self._slots, self._rows = [], None
+                self._on_rows(0)
 
     def _take_waiting(self) -> list[Slot]:
         """Slots to admit now: when idle, block for one and wait `batch_wait_s` for more; while
@@ -251,14 +256,8 @@ class BatchRunner:
     def _decode(self) -> None:
         """Decode the batch until every row finished, a row finished (to drop it) or new requests should join."""
         rows, slots = self._rows, self._slots
-        try:
-            out = self._generate_rows(slots, max(s.max_tokens - s.generated for s in slots), self._should_pause,
-                                      input_ids=rows.sequences, attention_mask=rows.mask, cache=rows.cache)
-        except Exception as exc:
-            self._fail(slots, exc)
-            self._slots, self._rows = [], None
-            self._on_rows(0)
-            return
+        out = self._generate_rows(slots, max(s.max_tokens - s.generated for s in slots), self._should_pause,
+                                  input_ids=rows.sequences, attention_mask=rows.mask, cache=rows.cache)
         rows.mask = torch.nn.functional.pad(rows.mask, (0, out.sequences.shape[1] - rows.width), value=1)
         rows.sequences, rows.cache = out.sequences, out.cache
         self._drop_finished()
@@ -300,4 +299,3 @@ class BatchRunner:
             if not slot.finished:
                 slot.send(exc)
             slot.finish()
-
