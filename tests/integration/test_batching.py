@@ -124,8 +124,10 @@ async def test_a_batch_of_one_still_streams_token_by_token(one_at_a_time):
 
 
 def ask(content: list, tokens: int, **sampling) -> GenerationRequest:
+    """A request for exactly `tokens` tokens, greedy unless `sampling` says otherwise."""
+    sampling = {"temperature": 0.0, **sampling}
     return GenerationRequest([ChatMessage("user", content)], enable_thinking=False,
-                             sampling=SamplingParams(max_tokens=tokens, min_tokens=tokens, **{"temperature": 0.0, **sampling}))
+                             sampling=SamplingParams(max_tokens=tokens, min_tokens=tokens, **sampling))
 
 
 async def run_joining_after(engine: Engine, first: GenerationRequest, later: list[GenerationRequest],
