@@ -5,11 +5,11 @@
 
 In one run on one machine it measures the in-process baseline (plain `generate`, tokens/s and
 time to first token; measured before and again after the service runs, as the speed of a shared
-machine drifts, and averaged), then starts Ray Serve with one replica of the same checkpoint and streams
-over HTTP at each concurrency, once per batching mode (continuous: new requests join the
-running batch; static: they wait for it to end), and prints the ratios that matter. Raw numbers go to JSON, a plot
-to PNG. Every request asks for exactly `--tokens` tokens (min_tokens), so random weights cannot
-end early.
+machine drifts, and averaged), then starts Ray Serve with one replica of the same checkpoint and
+streams over HTTP at each concurrency, once per batching mode (continuous: new requests join the
+running batch; static: they wait for it to end), and prints the ratios that matter. Raw numbers
+go to JSON, a plot to PNG. Every request asks for exactly `--tokens` tokens (min_tokens), so
+random weights cannot end early.
 """
 
 from __future__ import annotations
@@ -166,13 +166,15 @@ def plot(results: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for color, (mode, levels) in zip(("C0", "C1", "C2"), results["service"].items()):
         xs = [r["concurrency"] for r in levels]
-        left.plot(xs, [r["aggregate_tokens_per_s"] for r in levels], "o-", color=color, label=f"service ({mode}), aggregate")
+        left.plot(xs, [r["aggregate_tokens_per_s"] for r in levels], "o-", color=color,
+                  label=f"service ({mode}), aggregate")
         left.plot(xs, [r["tokens_per_s_per_stream"] for r in levels], "s--", color=color,
                   label=f"service ({mode}), per stream")
         right.plot(xs, [r["ttft_p50_s"] * 1000 for r in levels], "o-", color=color, label=f"{mode} p50")
         right.plot(xs, [r["ttft_p95_s"] * 1000 for r in levels], "s:", color=color, label=f"{mode} p95")
     left.plot([r["concurrency"] for r in results["engine_direct"]],
-              [r["aggregate_tokens_per_s"] for r in results["engine_direct"]], "^:", color="C4", label="engine, no Ray/HTTP")
+              [r["aggregate_tokens_per_s"] for r in results["engine_direct"]], "^:", color="C4",
+              label="engine, no Ray/HTTP")
     left.axhline(results["in_process"]["tokens_per_s"], color="gray", ls="--", label="in-process generate")
     left.set(xlabel="concurrent streams", ylabel="tokens/s", title="Throughput")
     left.legend()
@@ -190,7 +192,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="a checkpoint directory or hub id instead of a preset")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     parser.add_argument("--concurrency", default="1,4,8,16")
-    parser.add_argument("--rounds", type=int, default=2, help="requests each client sends at each concurrency (at least 8 in all)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="requests each client sends at each concurrency (at least 8 in all)")
     parser.add_argument("--batch", type=int, default=16, help="max_batch_size of the replica")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="batch_wait_ms of the replica")
     parser.add_argument("--batching", default="continuous,static",
@@ -200,6 +203,9 @@ def main() -> None:
                         "which the serving path (proxy, router, Ray) needs")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args()
+    modes = args.batching.split(",")
+    if set(modes) - {"continuous", "static"}:
+        parser.error(f"--batching takes continuous and/or static, not {args.batching!r}")
 
     preset = args.preset or ("full-size" if torch.cuda.is_available() else "small")
     checkpoint = args.checkpoint or f"preset:{preset}"
@@ -215,7 +221,7 @@ def main() -> None:
         print(f"engine x{level['concurrency']:<3} (no Ray/HTTP) aggregate {level['aggregate_tokens_per_s']:7.1f} tok/s")
 
     service = {}
-    for mode in args.batching.split(","):
+    for mode in modes:
         url = start_service(checkpoint, args.batch, args.batch_wait_ms, args.threads, continuous=mode == "continuous")
         time.sleep(5)  # let the work of deploying (controller, health checks) settle before measuring
         service[mode] = [asyncio.run(over_http(url, args.tokens, c, args.rounds)) for c in concurrency_levels]
