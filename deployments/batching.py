@@ -191,7 +191,8 @@ class BatchRunner:
                 if self._slots:
                     self._decode()
             except Exception as exc:  # decoding or merging rows failed: end what runs, keep serving
-                self._fail([*self._slots, *newcomers], exc)
+                failed = {id(slot): slot for slot in [*self._slots, *newcomers]}  # newcomers may be in both
+                self._fail(list(failed.values()), exc)
                 self._slots, self._rows = [], None
                 self._on_rows(0)
 

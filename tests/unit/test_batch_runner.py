@@ -34,6 +34,15 @@ def slot(max_tokens: int) -> Slot:
                 loop=asyncio.get_running_loop())
 
 
+async def became_idle(runner: BatchRunner) -> bool:
+    """Whether the runner thread, alive, finished its bookkeeping after the last token was delivered."""
+    for _ in range(500):
+        if runner.stalled_for() == 0.0:  # no batch running or prefilling; inf if the thread died
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
 async def received(s: Slot) -> list:
     items = []
     while not items or items[-1] is not DONE:
@@ -49,12 +58,13 @@ async def test_a_failing_decode_ends_its_rows_with_the_error_and_the_runner_keep
     runner.submit(failing)
     first, error, done = await received(failing)
     assert first == [TOKEN] and isinstance(error, RuntimeError) and done is DONE
+    assert await became_idle(runner)
     assert rows_reported[-1] == 0 and runner.rows_in_batch == 0
 
     one_token = slot(max_tokens=1)  # prefill only: the fake never decodes it
     runner.submit(one_token)
     assert await received(one_token) == [[TOKEN], DONE]
-    assert runner.running == 0 and runner.stalled_for() == 0.0
+    assert await became_idle(runner) and runner.running == 0
 
 
 async def test_a_failing_prefill_ends_the_newcomers_with_the_error():
