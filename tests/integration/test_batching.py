@@ -130,24 +130,29 @@ def ask(content: list, tokens: int, **sampling) -> GenerationRequest:
                              sampling=SamplingParams(max_tokens=tokens, min_tokens=tokens, **sampling))
 
 
+async def lead(engine: Engine, request: GenerationRequest, started: asyncio.Event, after_chunks: int = 3,
+               done: asyncio.Event | None = None) -> str:
+    """Stream `request`, setting `started` once `after_chunks` chunks arrived (and `done` at the end); its text."""
+    text, seen = "", 0
+    async for chunk in engine.stream(request):
+        text, seen = text + chunk.content, seen + 1
+        if seen == after_chunks:
+            started.set()
+    if done is not None:
+        done.set()
+    return text
+
+
 async def run_joining_after(engine: Engine, first: GenerationRequest, later: list[GenerationRequest],
                             after_chunks: int = 3) -> list[str]:
     """Start `first`; once it has streamed `after_chunks` chunks, send `later` (they join its batch)."""
     started = asyncio.Event()
 
-    async def lead() -> str:
-        text, seen = "", 0
-        async for chunk in engine.stream(first):
-            text, seen = text + chunk.content, seen + 1
-            if seen == after_chunks:
-                started.set()
-        return text
-
     async def follow(request: GenerationRequest) -> str:
         await started.wait()
         return (await run(engine, request))[0]
 
-    return list(await asyncio.gather(lead(), *(follow(r) for r in later)))
+    return list(await asyncio.gather(lead(engine, first, started, after_chunks), *(follow(r) for r in later)))
 
 
 async def test_requests_joining_a_running_batch_get_the_same_greedy_output_as_alone(batched, one_at_a_time):
@@ -189,14 +194,6 @@ async def test_a_newcomer_whose_prefill_fails_leaves_the_running_rows_untouched(
     alone = (await run(one_at_a_time, steady))[0]
     started = asyncio.Event()
 
-    async def lead() -> str:
-        text, seen = "", 0
-        async for chunk in batched.stream(steady):
-            text, seen = text + chunk.content, seen + 1
-            if seen == 3:
-                started.set()
-        return text
-
     async def broken() -> None:
         await started.wait()
         prepared = batched.prepare(ask(["broken"], 5))
@@ -207,7 +204,7 @@ async def test_a_newcomer_whose_prefill_fails_leaves_the_running_rows_untouched(
         item = await slot.tokens.get()
         assert isinstance(item, IndexError)
 
-    text, _ = await asyncio.gather(lead(), broken())
+    text, _ = await asyncio.gather(lead(batched, steady, started), broken())
     assert text == alone
 
 
@@ -234,15 +231,6 @@ async def test_cancelling_a_row_that_joined_leaves_the_running_row_untouched(bat
     alone = (await run(one_at_a_time, steady))[0]
     started, lead_done = asyncio.Event(), asyncio.Event()
 
-    async def lead() -> str:
-        text, seen = "", 0
-        async for chunk in batched.stream(steady):
-            text, seen = text + chunk.content, seen + 1
-            if seen == 3:
-                started.set()
-        lead_done.set()
-        return text
-
     async def join_then_leave() -> list[int]:
         await started.wait()
         seen = 0
@@ -257,6 +245,6 @@ async def test_cancelling_a_row_that_joined_leaves_the_running_row_untouched(bat
         assert not lead_done.is_set(), "the cancelled row left while the other one was still generating"
         return rows
 
-    text, rows = await asyncio.gather(lead(), join_then_leave())
+    text, rows = await asyncio.gather(lead(batched, steady, started, done=lead_done), join_then_leave())
     assert rows[0] == 2 and rows[-1] == 1
     assert text == alone
