@@ -240,9 +240,7 @@ class BatchRunner:
             return
         finally:
             self._prefilling = []
-        new_columns = out.sequences.shape[1] - inputs["input_ids"].shape[1]
-        rows = Rows(out.sequences, torch.nn.functional.pad(inputs["attention_mask"], (0, new_columns), value=1),
-                    out.cache)
+        rows = Rows.after_generate(inputs["attention_mask"], out)
         if self._rows is None:
             self._slots, self._rows = newcomers, rows
             if self.continuous and not can_merge(rows.cache):
@@ -259,8 +257,7 @@ class BatchRunner:
         rows, slots = self._rows, self._slots
         out = self._generate_rows(slots, max(s.max_tokens - s.generated for s in slots), self._should_pause,
                                   input_ids=rows.sequences, attention_mask=rows.mask, cache=rows.cache)
-        rows.mask = torch.nn.functional.pad(rows.mask, (0, out.sequences.shape[1] - rows.width), value=1)
-        rows.sequences, rows.cache = out.sequences, out.cache
+        self._rows = Rows.after_generate(rows.mask, out)
         self._drop_finished()
 
     def _generate_rows(self, slots: list[Slot], max_new_tokens: int, interrupt: Callable[[], bool] = lambda: False,

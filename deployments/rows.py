@@ -35,6 +35,12 @@ class Rows:
     mask: torch.Tensor  # (rows, width), 0 on padding
     cache: Cache  # holds every column of `sequences` but the last
 
+    @classmethod
+    def after_generate(cls, mask: torch.Tensor, out) -> Rows:
+        """The rows `generate` returned (`out`: sequences and cache), given the mask of the ids it started from."""
+        grown = out.sequences.shape[1] - mask.shape[1]
+        return cls(out.sequences, F.pad(mask, (0, grown), value=1), out.cache)
+
     @property
     def width(self) -> int:
         return self.sequences.shape[1]
