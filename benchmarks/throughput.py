@@ -87,10 +87,10 @@ async def engine_direct(checkpoint: str, tokens: int, concurrency: list[int], ba
     await one()
     levels = []
     for count in concurrency:
-        admissions, started = len(engine.runner.batch_sizes), time.perf_counter()
+        admissions, started = len(engine.core.batch_sizes), time.perf_counter()
         await asyncio.gather(*(one() for _ in range(count)))
         levels.append({"concurrency": count, "aggregate_tokens_per_s": count * tokens / (time.perf_counter() - started),
-                       "rows_after_each_admission": engine.runner.batch_sizes[admissions:]})
+                       "rows_after_each_admission": engine.core.batch_sizes[admissions:]})
     return levels
 
 

@@ -26,7 +26,9 @@ class ModelSettings(BaseModel):
         description="The name clients use in `model`. Default: MiniCPM-V-4.6 / MiniCPM-V-4.6-Thinking.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="Weights dtype. auto: bfloat16 on a GPU, float32 on a CPU (bf16 is slower there)."
+        default="auto",
+        description="Weights dtype. auto: bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16 / AMX), "
+        "else float32 (bf16 is emulated, hence slower, on other CPUs)."
     )
     device: str = Field(default="auto", description="torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:1...")
     max_model_len: int | None = Field(
@@ -48,6 +50,12 @@ class ModelSettings(BaseModel):
     max_generation_s: float | None = Field(
         default=600.0, gt=0,
         description="Longest a request may take, waiting included; then it ends with finish_reason 'length'.",
+    )
+    prefill_chunk_tokens: int = Field(
+        default=512, ge=16,
+        description="Most prompt tokens one prefill forward computes. Short prompts that arrive together are "
+        "prefilled together up to this many (padded) tokens; a longer prompt is prefilled in chunks of this size, "
+        "and the running requests decode one step between chunks, so a long prompt never stalls them for long.",
     )
     health_check_stall_s: float = Field(
         default=120.0, gt=0, description="A running batch with no decode step for this long fails health checks.",

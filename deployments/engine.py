@@ -1,8 +1,8 @@
 """The generation engine one model replica runs: plain Python, testable without Ray.
 
 `Engine.stream(request)` renders the prompt with the checkpoint's chat template, hands it to the
-replica's batch runner (which generates it together with the other requests in the running
-batch), and yields typed `Chunk`s as tokens arrive. Tokens reach the event loop
+replica's engine core (which generates it together with the other requests in the running
+batch, `core.EngineCore`), and yields typed `Chunk`s as tokens arrive. Tokens reach the event loop
 through `call_soon_threadsafe`, so a stream holds no thread while it waits. Closing or
 cancelling the stream stops its row within one decode step.
 """
@@ -19,10 +19,11 @@ import torch
 from transformers.video_utils import VideoMetadata
 
 from deployments import checkpoint
-from deployments.batching import DONE, BatchRunner, Slot
 from deployments.config import ModelConfig
+from deployments.core import EngineCore
 from deployments.errors import ContextLengthError
-from deployments.sampling import build_logits_processors
+from deployments.rows import Row
+from deployments.sampling import RowSampling
 from deployments.textstream import THINK_CLOSE, THINK_OPEN, IncrementalDetokenizer, ReasoningSplitter, StopMatcher
 from deployments.types import ChatMessage, Chunk, GenerationRequest, SamplingParams, Usage, Video
 
@@ -54,15 +55,15 @@ class Engine:
         eos = self.defaults.eos_token_id
         self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         pad = self.defaults.pad_token_id if self.defaults.pad_token_id is not None else self.tokenizer.pad_token_id
-        self.runner = BatchRunner(
-            self.model.generate, pad, config.max_batch_size, config.batch_wait_ms / 1000, config.continuous_batching,
-            on_batch_rows,
+        self.core = EngineCore(
+            self.model, config.max_batch_size, self.max_model_len, pad, config.batch_wait_ms / 1000,
+            config.continuous_batching, config.prefill_chunk_tokens, on_batch_rows,
         )
 
     @property
     def running(self) -> int:
         """Sequences being generated or waiting for a batch (0 once every stream ended or was cancelled)."""
-        return self.runner.running
+        return self.core.running
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Yield text chunks as they are generated, then one final chunk with finish_reason and usage.
@@ -70,37 +71,36 @@ class Engine:
         Raises ContextLengthError before generating when the prompt plus max_tokens do not fit.
         """
         prepared = await asyncio.to_thread(self.prepare, request)
-        slot = Slot(
-            inputs=prepared.inputs, max_tokens=prepared.sampling.max_tokens, min_tokens=prepared.sampling.min_tokens,
-            processors=build_logits_processors(**self._resolve_sampling(prepared.sampling), device=self.model.device),
-            eos_ids=prepared.eos_ids, loop=asyncio.get_running_loop(),
+        row = Row(
+            prepared.inputs, self._resolve_sampling(prepared.sampling), prepared.sampling.max_tokens, prepared.eos_ids,
+            asyncio.get_running_loop(), request_id=request.request_id,
             deadline=time.monotonic() + self.config.max_generation_s if self.config.max_generation_s else None,
         )
-        self.runner.submit(slot)
+        self.core.submit(row)
         try:
-            async for chunk in self._decode(prepared, request.enable_thinking, slot):
+            async for chunk in self._decode(prepared, request.enable_thinking, row):
                 if chunk.usage:
                     # The health probe runs every few seconds: keep it out of the INFO log.
                     log = logger.debug if request.request_id == HEALTH_PROBE_ID else logger.info
                     log("Request %s generated: finish_reason=%s prompt_tokens=%d completion_tokens=%d%s",
                                 request.request_id, chunk.finish_reason, chunk.usage.prompt_tokens,
                                 chunk.usage.completion_tokens,
-                                f" (cut at max_generation_s={self.config.max_generation_s:g})" if slot.timed_out else "")
+                                f" (cut at max_generation_s={self.config.max_generation_s:g})" if row.timed_out else "")
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):
             logger.info("Request %s cancelled: generation stopped", request.request_id)
             raise
         finally:
             # Reached on normal end, on error, and when the consumer cancels or closes us.
-            slot.stop.set()
+            row.cancel()
 
     async def check_health(self) -> None:
         """Raise if this replica can no longer generate: its batch thread died or stalled, or,
         when idle, a one-token generation does not complete."""
-        stalled = self.runner.stalled_for()
+        stalled = self.core.stalled_for()
         if stalled > self.config.health_check_stall_s:
             raise RuntimeError(f"Generation made no progress for {stalled:.0f} s")
-        if self.runner.running == 0:
+        if self.core.running == 0:
             probe = GenerationRequest([ChatMessage("user", ["ping"])], enable_thinking=False,
                                       sampling=SamplingParams(max_tokens=1, temperature=0.0), request_id=HEALTH_PROBE_ID)
             async for _ in self.stream(probe):
@@ -131,35 +131,31 @@ class Engine:
             sampling=request.sampling, eos_ids=self._eos_ids,
         )
 
-    def _resolve_sampling(self, params: SamplingParams) -> dict:
+    def _resolve_sampling(self, params: SamplingParams) -> RowSampling:
         """Request values, else the checkpoint's generation_config, else neutral values."""
         defaults = self.defaults
         default_temperature = (defaults.temperature or 1.0) if defaults.do_sample else 0.0
-        return {
-            "temperature": _pick(params.temperature, default_temperature),
-            "top_p": _pick(params.top_p, defaults.top_p, 1.0),
-            "top_k": _pick(params.top_k, defaults.top_k, 0),
-            "repetition_penalty": _pick(params.repetition_penalty, defaults.repetition_penalty, 1.0),
-            "seed": params.seed,
-        }
+        return RowSampling(
+            temperature=_pick(params.temperature, default_temperature),
+            top_p=_pick(params.top_p, defaults.top_p, 1.0),
+            top_k=_pick(params.top_k, defaults.top_k, 0),
+            repetition_penalty=_pick(params.repetition_penalty, defaults.repetition_penalty, 1.0),
+            seed=params.seed, min_tokens=params.min_tokens,
+        )
 
-    async def _decode(self, prepared: _Prepared, enable_thinking: bool, slot: Slot) -> AsyncIterator[Chunk]:
+    async def _decode(self, prepared: _Prepared, enable_thinking: bool, row: Row) -> AsyncIterator[Chunk]:
         detokenizer = IncrementalDetokenizer(self.tokenizer)
         stops = StopMatcher(prepared.sampling.stop)
         splitter = ReasoningSplitter(
             in_reasoning=enable_thinking and prepared.opens_think_block, may_open=enable_thinking
         )
         completion_tokens, last_id = 0, None
-        ended = False
-        while not ended and not stops.stopped:
-            ids, ended = await _drain(slot.tokens)
-            if not ids:
-                continue
+        async for ids in row:
             completion_tokens += len(ids)
             last_id = ids[-1]
             text = stops.feed(detokenizer.add(ids))
             if stops.stopped:
-                slot.stop.set()
+                row.cancel()
             reasoning, answer = splitter.feed(text)
             if reasoning or answer:
                 yield Chunk(reasoning=reasoning, content=answer)
@@ -172,25 +168,6 @@ class Engine:
             finish_reason="stop" if stops.stopped or last_id in prepared.eos_ids else "length",
             usage=Usage(prepared.prompt_tokens, completion_tokens),
         )
-
-
-async def _drain(tokens: asyncio.Queue) -> tuple[list[int], bool]:
-    """Every token id queued now (waiting for at least one item), and whether the row ended.
-
-    Under load the consumer falls behind the generator; merging what queued up meanwhile into one
-    chunk keeps the number of chunks, and of Ray messages per token, down. Raises a generation error.
-    """
-    ids: list[int] = []
-    item = await tokens.get()
-    while True:
-        if item is DONE:
-            return ids, True
-        if isinstance(item, Exception):
-            raise item
-        ids.extend(item)
-        if tokens.empty():
-            return ids, False
-        item = tokens.get_nowait()
 
 
 def _pick(*values):

@@ -1,98 +1,149 @@
-"""Row operations on a running batch: its token ids, attention mask and the model's cache.
+"""One request's row in the engine: its prompt, limits and sampling, and the stream of its token ids.
 
-A batch being decoded is three things that must stay aligned row by row: the token ids so far
-(`sequences`, left-padded; the last column is not yet in the cache), the attention mask (0 on
-padding), and the transformers `Cache`. MiniCPM-V 4.6's text tower is hybrid: full-attention
-layers keep keys/values of shape (rows, heads, length, dim) and linear-attention layers keep
-fixed-size conv and recurrent states of shape (rows, ...). Rows are added by left-padding the
-shorter side's keys/values with masked zeros (positions come from the mask, so a row's rotary
-positions do not move) and concatenating states; rows are dropped by indexing every tensor.
+A `Row` is created on the replica's event loop, fed by the engine thread, and read back on the
+event loop with `async for ids in row` (each item: the token ids that arrived since the last
+one, so a slow reader gets several tokens per item instead of falling behind). Closing the
+reader must call `row.cancel()`; the engine drops the row at its next step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionLayer
+
+from deployments.sampling import RowSampling
+
+_END = object()  # end of a row's token stream
 
 
-def can_merge(cache: Cache) -> bool:
-    """Whether every layer of `cache` is one whose rows this module knows how to add and drop."""
-    return all(
-        (isinstance(layer, DynamicLayer) and not isinstance(layer, DynamicSlidingWindowLayer))
-        or type(layer) is LinearAttentionLayer
-        for layer in cache.layers
-    )
+class Row:
+    """A request being generated. Engine-thread side: `add`, `end`; event-loop side: iterate, `cancel`."""
 
-
-@dataclass
-class Rows:
-    """Token ids, attention mask and cache of the rows being decoded together."""
-
-    sequences: torch.Tensor  # (rows, width) prompt + generated ids, left-padded
-    mask: torch.Tensor  # (rows, width), 0 on padding
-    cache: Cache  # holds every column of `sequences` but the last
-
-    @classmethod
-    def after_generate(cls, mask: torch.Tensor, out) -> Rows:
-        """The rows `generate` returned (`out`: sequences and cache), given the mask of the ids it started from."""
-        grown = out.sequences.shape[1] - mask.shape[1]
-        return cls(out.sequences, F.pad(mask, (0, grown), value=1), out.cache)
+    def __init__(self, inputs: dict, sampling: RowSampling, max_tokens: int, eos_ids: set[int],
+                 loop: asyncio.AbstractEventLoop, deadline: float | None = None, request_id: str = "") -> None:
+        self.inputs: dict | None = inputs  # the processor's output for this request alone; dropped once prefilled
+        self.prompt_ids = inputs["input_ids"][0]
+        self.prompt_len = int(self.prompt_ids.shape[0])
+        self.sampling, self.max_tokens, self.eos_ids = sampling, max_tokens, eos_ids
+        self.generator = sampling.generator(self.prompt_ids.device)
+        self.loop, self.deadline, self.request_id = loop, deadline, request_id
+        self.tokens: list[int] = []
+        self.finished = False
+        self.timed_out = False
+        self.alone = False  # prefill this row on its own (it failed in a group)
+        self._stop = threading.Event()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._pending: list = []  # items for the consumer, handed over by `deliver`
+        self._ended = False
+        self._held: object | None = None
 
     @property
-    def width(self) -> int:
-        return self.sequences.shape[1]
+    def generated(self) -> int:
+        return len(self.tokens)
 
-    def select(self, rows: list[int]) -> None:
-        """Keep only `rows` (in this order), then drop leading columns that are padding in every row."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.sequences.device)
-        self.sequences, self.mask = self.sequences[index], self.mask[index]
-        for layer in self.cache.layers:
-            if isinstance(layer, LinearAttentionLayer):
-                layer.reorder_cache(index)
-            else:
-                layer.batch_select_indices(index)
-        self._trim()
+    # ---- event loop side ----
 
-    def _trim(self) -> None:
-        unused = int((self.width - self.mask.sum(dim=1)).min())
-        if unused > 0:
-            self.sequences, self.mask = self.sequences[:, unused:], self.mask[:, unused:]
-            _pad_keys_values(self.cache, -unused)
+    def cancel(self) -> None:
+        """Stop generating this row (thread-safe; takes effect within one decode step)."""
+        self._stop.set()
 
-    def extend(self, other: Rows, pad_token_id: int) -> None:
-        """Append `other`'s rows below ours, padding the narrower side on the left."""
-        width = max(self.width, other.width)
-        for rows in (self, other):
-            rows._pad_to(width, pad_token_id)
-        self.sequences = torch.cat([self.sequences, other.sequences])
-        self.mask = torch.cat([self.mask, other.mask])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            if isinstance(mine, LinearAttentionLayer):
-                for i in range(mine.number_of_states):
-                    mine.conv_states[i] = torch.cat([mine.conv_states[i], theirs.conv_states[i]])
-                    mine.recurrent_states[i] = torch.cat([mine.recurrent_states[i], theirs.recurrent_states[i]])
-            elif mine.is_initialized:
-                mine.keys = torch.cat([mine.keys, theirs.keys])
-                mine.values = torch.cat([mine.values, theirs.values])
+    @property
+    def cancelled(self) -> bool:
+        return self._stop.is_set()
 
-    def _pad_to(self, width: int, pad_token_id: int) -> None:
-        extra = width - self.width
-        if extra:
-            self.sequences = F.pad(self.sequences, (extra, 0), value=pad_token_id)
-            self.mask = F.pad(self.mask, (extra, 0), value=0)
-            _pad_keys_values(self.cache, extra)
+    def __aiter__(self) -> Row:
+        return self
+
+    async def __anext__(self) -> list[int]:
+        """The token ids generated since the last call (at least one); raises the row's error, if any."""
+        if self._ended:
+            raise StopAsyncIteration
+        ids: list[int] = []
+        item = self._held if self._held is not None else await self._queue.get()
+        self._held = None
+        while True:
+            if (item is _END or isinstance(item, BaseException)) and ids:
+                self._held = item  # the tokens before the end (or error) first
+                return ids
+            if item is _END:
+                self._ended = True
+                raise StopAsyncIteration
+            if isinstance(item, BaseException):
+                self._ended = True
+                raise item
+            ids.append(item)
+            if self._queue.empty():
+                return ids
+            item = self._queue.get_nowait()
+
+    # ---- engine thread side ----
+
+    def add(self, token: int) -> None:
+        """Record a generated token, then end the row if it is done (eos, max_tokens, cancelled, deadline)."""
+        self.tokens.append(token)
+        self._pending.append(token)
+        if token in self.eos_ids and self.generated >= self.sampling.min_tokens:
+            self.end()
+        elif self.generated >= self.max_tokens or self.cancelled:
+            self.end()
+        elif self.deadline is not None and time.monotonic() > self.deadline:
+            self.timed_out = True
+            self.end()
+
+    def end(self, error: BaseException | None = None) -> None:
+        """Finish the row (with `error` for its consumer to raise); sends what is pending."""
+        if self.finished:
+            return
+        self.finished = True
+        if error is not None:
+            self._pending.append(error)
+        self._pending.append(_END)
+        deliver([self])
 
 
-def _pad_keys_values(cache: Cache, columns: int) -> None:
-    """Add `columns` zero columns on the left of every key/value tensor (or remove them, if negative)."""
-    for layer in cache.layers:
-        if isinstance(layer, LinearAttentionLayer) or not layer.is_initialized:
-            continue
-        if columns > 0:
-            layer.keys = F.pad(layer.keys, (0, 0, columns, 0))
-            layer.values = F.pad(layer.values, (0, 0, columns, 0))
-        else:
-            layer.keys, layer.values = layer.keys[..., -columns:, :], layer.values[..., -columns:, :]
+def deliver(rows: Sequence[Row]) -> None:
+    """Hand every row's pending items to its event loop: one thread-safe call per loop, not per row."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Row]] = {}
+    for row in rows:
+        if row._pending:
+            by_loop.setdefault(row.loop, []).append(row)
+    for loop, batch in by_loop.items():
+        handed = [(row, row._pending) for row in batch]
+        for row in batch:
+            row._pending = []
+        try:
+            loop.call_soon_threadsafe(_flush_all, handed)
+        except RuntimeError:  # the consumer's loop is closed: nobody is reading
+            for row, _ in handed:
+                row.cancel()
+
+
+def _flush_all(handed: list[tuple[Row, list]]) -> None:
+    for row, items in handed:
+        for item in items:
+            row._queue.put_nowait(item)
+
+
+def merge_inputs(inputs: list[dict], pad_token_id: int) -> dict:
+    """Merge per-request processor outputs into one batch, as the processor itself would.
+
+    Token ids and masks are left-padded; pixel tensors are packed along their last axis and
+    target sizes stacked, which is how MiniCPM-V 4.6's processor packs a batch.
+    """
+    width = max(x["input_ids"].shape[1] for x in inputs)
+    merged = {
+        "input_ids": torch.cat([_left_pad(x["input_ids"], width, pad_token_id) for x in inputs]),
+        "attention_mask": torch.cat([_left_pad(x["attention_mask"], width, 0) for x in inputs]),
+    }
+    for key in sorted({k for x in inputs for k in x} - set(merged)):
+        parts = [x[key] for x in inputs if key in x]
+        merged[key] = torch.cat(parts, dim=-1 if key.startswith("pixel_values") else 0)
+    return merged
+
+
+def _left_pad(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(tensor, (width - tensor.shape[1], 0), value=value)

@@ -1,55 +1,122 @@
-"""Per-request sampling with a private random generator.
+"""Sampling every row of a batch in one pass of batched tensor operations.
 
-`generate(do_sample=True)` draws from torch's global generator, which every concurrent
-request on a replica shares, so a `seed` would not reproduce anything. Instead generation
-runs greedy and this processor, last in the list, samples the token itself with the
-request's own `torch.Generator` and leaves only that token finite, so greedy picks it.
+Each row has its own parameters (greedy or temperature, top-k, top-p, repetition penalty,
+min_tokens) and, when it asked for a seed, its own `torch.Generator`, so a seeded request gives
+the same tokens whoever it shares the batch with. Rows are sampled with the exponential race
+(`argmax(p / q)`, q ~ Exp(1)), which equals drawing from p and lets each row draw its noise from
+its own generator while the rest of the work stays batched.
+
+Isolation: nothing one row's values do can fail another row. Logits are computed in float32 and
+overflow is clamped; a row whose logits hold NaN or no finite value is reported as failed (`Draws.failed`)
+and sampled as a dummy token, while the others are sampled normally.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
-from transformers import (
-    LogitsProcessor,
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+
+# Below this a temperature is greedy; between it and MIN_TEMPERATURE it is raised to MIN_TEMPERATURE
+# (vLLM does the same), so that logits / temperature stays far from float32 overflow.
+GREEDY_BELOW = 1e-5
+MIN_TEMPERATURE = 1e-2
+_FLOAT_MAX = torch.finfo(torch.float32).max
 
 
-class SeededSampler(LogitsProcessor):
-    """Samples one token per row from softmax(scores) and masks every other token."""
+@dataclass(frozen=True)
+class RowSampling:
+    """One row's resolved sampling parameters (checkpoint defaults already applied)."""
 
-    def __init__(self, seed: int | None, device: torch.device) -> None:
-        self._generator = torch.Generator(device=device)
-        if seed is None:
-            self._generator.seed()
-        else:
-            self._generator.manual_seed(seed)
+    temperature: float = 0.0  # < GREEDY_BELOW: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    min_tokens: int = 0
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs = torch.softmax(scores.float(), dim=-1)
-        chosen = torch.multinomial(probs, num_samples=1, generator=self._generator)
-        masked = torch.full_like(scores, float("-inf"))
-        return masked.scatter_(1, chosen, 0.0)
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The row's own random generator when it asked for a seed, else None (the engine's is used)."""
+        if self.seed is None or self.greedy:
+            return None
+        generator = torch.Generator(device=device)
+        generator.manual_seed(self.seed)
+        return generator
 
 
-def build_logits_processors(
-    temperature: float, top_p: float, top_k: int, repetition_penalty: float, seed: int | None, device: torch.device
-) -> LogitsProcessorList:
-    """Processors for one request; temperature 0 means greedy (no sampler)."""
-    processors = LogitsProcessorList()
-    if repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
-    if temperature <= 0:
-        return processors
-    if temperature != 1.0:
-        processors.append(TemperatureLogitsWarper(temperature))
-    if top_k > 0:
-        processors.append(TopKLogitsWarper(top_k))
-    if top_p < 1.0:
-        processors.append(TopPLogitsWarper(top_p))
-    processors.append(SeededSampler(seed, device))
-    return processors
+@dataclass
+class Draws:
+    tokens: list[int]
+    failed: list[bool]  # the row's logits had no finite value: it must end with an error
+
+
+class BatchParams:
+    """Per-row parameters as tensors, rebuilt only when the rows of the batch change."""
+
+    def __init__(self, rows: Sequence[RowSampling], device: torch.device) -> None:
+        self.greedy = all(r.greedy for r in rows)
+        self.temperature = torch.tensor([max(r.temperature, MIN_TEMPERATURE) if not r.greedy else 1.0 for r in rows],
+                                        dtype=torch.float32, device=device)[:, None]
+        self.sampled = torch.tensor([not r.greedy for r in rows], device=device)
+        self.top_k = torch.tensor([r.top_k if not r.greedy else 0 for r in rows], device=device)
+        self.top_p = torch.tensor([r.top_p if not r.greedy else 1.0 for r in rows], dtype=torch.float32,
+                                  device=device)[:, None]
+        self.use_top_k = bool((self.top_k > 0).any())
+        self.use_top_p = bool((self.top_p < 1.0).any())
+        self.penalty = torch.tensor([r.repetition_penalty for r in rows], dtype=torch.float32, device=device)[:, None]
+        self.use_penalty = any(r.repetition_penalty != 1.0 for r in rows)
+
+
+def sample(logits: torch.Tensor, params: BatchParams, generators: Sequence[torch.Generator | None],
+           shared: torch.Generator, seen: torch.Tensor | None = None,
+           no_eos: torch.Tensor | None = None, eos_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row of `logits` (rows, vocab), as a tensor of shape (rows, 2): token, failed.
+
+    `seen` (rows, vocab, bool) marks the ids the repetition penalty applies to; `no_eos` (rows,
+    bool) marks rows that may not end yet (min_tokens), whose `eos_ids` are masked.
+    """
+    logits = logits.float()
+    broken = torch.isnan(logits).any(dim=-1)
+    logits = logits.nan_to_num(nan=-torch.inf, posinf=_FLOAT_MAX, neginf=-torch.inf)  # +inf: the softmax's NaN
+    if params.use_penalty and seen is not None:
+        penalised = torch.where(logits > 0, logits / params.penalty, logits * params.penalty)
+        logits = torch.where(seen, penalised, logits).clamp(-_FLOAT_MAX, _FLOAT_MAX)
+    if no_eos is not None and eos_ids is not None:
+        logits[:, eos_ids] = logits[:, eos_ids].masked_fill(no_eos[:, None], -torch.inf)
+    failed = broken | ~torch.isfinite(logits).any(dim=-1)
+    greedy_tokens = logits.argmax(dim=-1)
+    if params.greedy:
+        return torch.stack([greedy_tokens, failed.long()], dim=1)
+    scaled = (logits / params.temperature).clamp(min=-_FLOAT_MAX)
+    scaled = _top_k_top_p(scaled, params)
+    probs = torch.softmax(scaled, dim=-1).nan_to_num(0.0)
+    noise = torch.empty_like(probs).exponential_(generator=shared)
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            noise[row].exponential_(generator=generator)
+    drawn = (probs / noise).argmax(dim=-1)
+    tokens = torch.where(params.sampled, drawn, greedy_tokens)
+    return torch.stack([tokens, failed.long()], dim=1)
+
+
+def _top_k_top_p(logits: torch.Tensor, params: BatchParams) -> torch.Tensor:
+    """Mask (to -inf) what each row's top-k and top-p leave out; rows with neither are untouched."""
+    if not (params.use_top_k or params.use_top_p):
+        return logits
+    ordered, _ = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    keep = torch.full((logits.shape[0],), vocab, dtype=torch.long, device=logits.device)
+    if params.use_top_k:
+        keep = torch.where(params.top_k > 0, params.top_k.clamp(max=vocab), keep)
+    if params.use_top_p:
+        cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
+        # Tokens before the one that reaches top_p are kept, that one included (at least one).
+        within = (cumulative - torch.softmax(ordered, dim=-1) < params.top_p).sum(dim=-1).clamp(min=1)
+        keep = torch.minimum(keep, within)
+    threshold = ordered.gather(1, (keep - 1)[:, None])
+    return logits.masked_fill(logits < threshold, -torch.inf)

@@ -9,11 +9,10 @@ import time
 import pytest
 from PIL import Image
 
-from transformers import LogitsProcessorList
-
-from deployments.batching import Slot
 from deployments.config import ModelConfig
 from deployments.engine import Engine
+from deployments.rows import Row
+from deployments.sampling import RowSampling
 from deployments.types import ChatMessage, GenerationRequest, SamplingParams
 
 
@@ -52,7 +51,7 @@ async def run(engine: Engine, request: GenerationRequest) -> tuple[str, list]:
 async def test_batched_greedy_outputs_equal_each_request_run_alone(batched, one_at_a_time):
     alone = [await run(one_at_a_time, r) for r in requests()]
     together = await asyncio.gather(*(run(batched, r) for r in requests()))
-    assert batched.runner.batch_sizes[-1] == 5, "all five requests ran in one batch"
+    assert batched.core.batch_sizes[-1] == 5, "all five requests ran in one batch"
     assert [text for text, _ in together] == [text for text, _ in alone]
     assert [c[-1].usage for _, c in together] == [c[-1].usage for _, c in alone]
 
@@ -72,7 +71,7 @@ async def test_each_row_stops_on_its_own(batched):
     rows = [GenerationRequest([ChatMessage("user", ["go"])], enable_thinking=False,
                               sampling=SamplingParams(max_tokens=n, min_tokens=n)) for n in limits]
     results = await asyncio.gather(*(run(batched, r) for r in rows))
-    assert batched.runner.batch_sizes[-1] == 3
+    assert batched.core.batch_sizes[-1] == 3
     assert [chunks[-1].usage.completion_tokens for _, chunks in results] == limits
     assert {chunks[-1].finish_reason for _, chunks in results} == {"length"}
 
@@ -104,7 +103,7 @@ async def test_cancelling_one_row_leaves_the_others_running(batched):
         return count
 
     results = await asyncio.gather(read_a_little(), *(run(batched, r) for r in rows))
-    assert batched.runner.batch_sizes[-1] == 3
+    assert batched.core.batch_sizes[-1] == 3
     assert [chunks[-1].usage.completion_tokens for _, chunks in results[1:]] == [40, 40]
     deadline = time.monotonic() + 2
     while batched.running and time.monotonic() < deadline:
@@ -119,7 +118,7 @@ async def test_a_batch_of_one_still_streams_token_by_token(one_at_a_time):
         arrivals.append(time.monotonic())
     assert len(arrivals) >= 10 and arrivals[-1] - arrivals[0] > 0
     both = await asyncio.gather(*(run(one_at_a_time, request) for _ in range(2)))
-    assert one_at_a_time.runner.batch_sizes[-2:] == [1, 1]
+    assert one_at_a_time.core.batch_sizes[-2:] == [1, 1]
     assert both[0][0] == both[1][0]
 
 
@@ -160,9 +159,9 @@ async def test_requests_joining_a_running_batch_get_the_same_greedy_output_as_al
     first = ask(["a long answer please"], 60)
     later = [ask(["hi"], 20), ask([image, "describe this picture in detail, thoroughly"], 25), ask(["more"], 8)]
     alone = [(await run(one_at_a_time, r))[0] for r in [first, *later]]
-    sizes_before = len(batched.runner.batch_sizes)
+    sizes_before = len(batched.core.batch_sizes)
     together = await run_joining_after(batched, first, later)
-    sizes = batched.runner.batch_sizes[sizes_before:]
+    sizes = batched.core.batch_sizes[sizes_before:]
     assert sizes[0] == 1 and max(sizes) == 4, f"the later requests joined the first one's batch: {sizes}"
     assert together == alone
 
@@ -173,19 +172,19 @@ async def test_rows_leave_and_join_while_others_run(batched, one_at_a_time):
     steady = ask(["steady"], 50)
     newcomer = ask(["newcomer"], 15, temperature=1.0, seed=7)
     alone = [(await run(one_at_a_time, r))[0] for r in (steady, longest, newcomer)]
-    sizes_before = len(batched.runner.batch_sizes)
+    sizes_before = len(batched.core.batch_sizes)
     together = await run_joining_after(batched, steady, [longest])
     after = await run_joining_after(batched, steady, [newcomer], after_chunks=10)
-    assert batched.runner.batch_sizes[sizes_before:] == [1, 2, 1, 2]
+    assert batched.core.batch_sizes[sizes_before:] == [1, 2, 1, 2]
     assert together == alone[:2] and after == [alone[0], alone[2]]
 
 
 async def test_without_continuous_batching_newcomers_wait_for_the_running_batch(static, one_at_a_time):
     first, later = ask(["first"], 40), [ask(["second"], 10)]
     alone = [(await run(one_at_a_time, r))[0] for r in [first, *later]]
-    sizes_before = len(static.runner.batch_sizes)
+    sizes_before = len(static.core.batch_sizes)
     together = await run_joining_after(static, first, later)
-    assert static.runner.batch_sizes[sizes_before:] == [1, 1]
+    assert static.core.batch_sizes[sizes_before:] == [1, 1]
     assert together == alone
 
 
@@ -198,18 +197,18 @@ async def test_a_newcomer_whose_prefill_fails_leaves_the_running_rows_untouched(
         await started.wait()
         prepared = batched.prepare(ask(["broken"], 5))
         prepared.inputs["input_ids"][0, -1] = batched.model.config.get_text_config().vocab_size + 100  # no such token
-        slot = Slot(inputs=prepared.inputs, max_tokens=5, min_tokens=0, processors=LogitsProcessorList(),
-                    eos_ids=prepared.eos_ids, loop=asyncio.get_running_loop())
-        batched.runner.submit(slot)
-        item = await slot.tokens.get()
-        assert isinstance(item, IndexError)
+        row = Row(prepared.inputs, RowSampling(), 5, prepared.eos_ids, asyncio.get_running_loop())
+        batched.core.submit(row)
+        with pytest.raises(IndexError):
+            async for _ in row:
+                pass
 
     text, _ = await asyncio.gather(lead(batched, steady, started), broken())
     assert text == alone
 
 
 async def test_a_finished_row_stops_costing_compute_while_the_others_decode(batched, static):
-    for engine, rows_left in ((batched, 1), (static, 2)):
+    for engine, rows_left in ((batched, 1), (static, 1)):
         short_done = asyncio.Event()
         counts = []
 
@@ -220,7 +219,7 @@ async def test_a_finished_row_stops_costing_compute_while_the_others_decode(batc
         async def long() -> None:
             async for _ in engine.stream(ask(["long"], 300)):
                 if short_done.is_set() and len(counts) < 20:
-                    counts.append(engine.runner.rows_in_batch)
+                    counts.append(engine.core.rows_in_batch)
 
         await asyncio.gather(short(), long())
         assert counts and counts[-1] == rows_left, f"rows in the batch after the short request ended: {counts}"
@@ -238,10 +237,10 @@ async def test_cancelling_a_row_that_joined_leaves_the_running_row_untouched(bat
             seen += 1
             if seen == 2:
                 break  # closing the generator cancels this row
-        rows = [batched.runner.rows_in_batch]
+        rows = [batched.core.rows_in_batch]
         while rows[-1] == 2 and not lead_done.is_set():
             await asyncio.sleep(0.005)
-            rows.append(batched.runner.rows_in_batch)
+            rows.append(batched.core.rows_in_batch)
         assert not lead_done.is_set(), "the cancelled row left while the other one was still generating"
         return rows
 

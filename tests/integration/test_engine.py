@@ -116,13 +116,13 @@ def reasoning(chunks: list[Chunk]) -> str:
 
 @contextmanager
 def forward_counter(engine: Engine) -> Iterator[list[int]]:
-    """Counts calls of the model's forward (generate makes one per new token). Observes only."""
+    """Counts forwards of the text tower (one per generated token: the prefill, then each decode step). Observes only."""
     calls = [0]
 
     def hook(module, args, output):
         calls[0] += 1
 
-    handle = engine.model.register_forward_hook(hook)
+    handle = engine.model.model.language_model.register_forward_hook(hook)
     try:
         yield calls
     finally:
@@ -434,7 +434,7 @@ async def test_a_request_over_max_generation_s_ends_with_length(tiny_checkpoints
 
 async def test_health_check_generates_when_idle_and_passes(tiny_checkpoints):
     engine = Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), torch_threads=1))
-    before = engine.runner.batch_sizes.copy()
+    before = engine.core.batch_sizes.copy()
     await engine.check_health()
-    assert engine.runner.batch_sizes == [*before, 1], "the idle check ran a real one-token generation"
-    assert engine.runner.stalled_for() < 1.0
+    assert engine.core.batch_sizes == [*before, 1], "the idle check ran a real one-token generation"
+    assert engine.core.stalled_for() < 1.0

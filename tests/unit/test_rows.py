@@ -1,67 +1,84 @@
-"""Adding and dropping rows of a running batch: ids, mask and a hybrid (key/value + linear-attention) cache."""
+"""A row's token stream: tokens that arrived together come as one item, it ends on eos / max_tokens /
+cancellation / deadline, and an error reaches its reader."""
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionLayer
 
-from deployments.rows import Rows, can_merge
-
-PAD = 0
+from deployments.rows import Row, deliver, merge_inputs
+from deployments.sampling import RowSampling
 
 
-def rows_of(lengths: list[int], tag: float) -> Rows:
-    """Rows with prompts of `lengths` tokens (left-padded), one column generated and not yet cached.
-
-    Every cached value of row r equals tag + r, so tests can tell rows apart after they move.
-    """
-    width = max(lengths) + 1
-    mask = torch.stack([torch.cat([torch.zeros(width - n - 1), torch.ones(n + 1)]) for n in lengths]).long()
-    sequences = torch.where(mask.bool(), torch.arange(1, width + 1).expand(len(lengths), -1), PAD)
-    fill = (tag + torch.arange(len(lengths), dtype=torch.float)).view(-1, 1, 1, 1)
-    attention, linear = DynamicLayer(), LinearAttentionLayer()
-    keys = fill.expand(-1, 2, width - 1, 4) * mask[:, None, :-1, None]
-    attention.update(keys, keys.clone())
-    linear.update_conv_state(fill[..., 0].expand(-1, 3, 4).clone())
-    linear.update_recurrent_state(fill.expand(-1, 2, 4, 4).clone())
-    return Rows(sequences, mask, Cache(layers=[attention, linear]))
+def row(max_tokens: int = 10, min_tokens: int = 0, deadline: float | None = None) -> Row:
+    inputs = {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    return Row(inputs, RowSampling(min_tokens=min_tokens), max_tokens, {0}, asyncio.get_running_loop(),
+               deadline=deadline)
 
 
-def row_tags(rows: Rows) -> list[float]:
-    attention, linear = rows.cache.layers
-    tags = [float(linear.recurrent_states[0][r].max()) for r in range(rows.sequences.shape[0])]
-    assert tags == [float(linear.conv_states[0][r].max()) for r in range(len(tags))]
-    assert tags == [float(attention.keys[r].max()) for r in range(len(tags))]
-    return tags
+async def read(r: Row) -> list[list[int]]:
+    return [ids async for ids in r]
 
 
-def test_extend_left_pads_the_narrower_rows_and_keeps_every_row_aligned():
-    rows, newcomers = rows_of([5, 3], tag=10), rows_of([8], tag=20)
-    rows.extend(newcomers, PAD)
-    assert rows.sequences.shape == rows.mask.shape == (3, 9)
-    assert rows.cache.layers[0].keys.shape == (3, 2, 8, 4)  # one column fewer than the ids: the last is uncached
-    assert rows.mask.sum(dim=1).tolist() == [6, 4, 9]
-    assert rows.sequences[0].tolist() == [PAD] * 3 + [1, 2, 3, 4, 5, 6]  # the same ids, moved right
-    assert torch.all(rows.cache.layers[0].keys[0, :, :2] == 0)  # padded keys are zeros under a zero mask
-    assert row_tags(rows) == [10, 11, 20]
+async def test_tokens_delivered_together_arrive_as_one_item():
+    r = row()
+    for token in (5, 6, 7):
+        r.add(token)
+    deliver([r])
+    r.add(8)
+    r.end()
+    assert await read(r) == [[5, 6, 7, 8]]
 
 
-def test_select_drops_rows_then_the_columns_that_only_padding_used():
-    rows = rows_of([2, 7, 4], tag=0)
-    rows.select([0, 2])
-    assert row_tags(rows) == [0, 2]
-    assert rows.sequences.shape == (2, 5), "the 7-token row left; its 3 extra columns went with it"
-    assert rows.cache.layers[0].keys.shape[2] == 4
-    assert rows.mask.sum(dim=1).tolist() == [3, 5]
-    assert rows.mask[:, -1].tolist() == [1, 1]
+async def test_a_row_ends_at_eos_once_it_has_its_min_tokens():
+    r = row(min_tokens=2)
+    r.add(0)
+    assert not r.finished, "eos before min_tokens does not end the row"
+    r.add(0)
+    assert r.finished and await read(r) == [[0, 0]]
 
 
-def test_select_can_reorder_and_keeps_width_while_the_longest_row_stays():
-    rows = rows_of([2, 7], tag=0)
-    rows.select([1, 0])
-    assert row_tags(rows) == [1, 0] and rows.sequences.shape == (2, 8)
+async def test_a_row_ends_at_max_tokens_or_when_cancelled_or_past_its_deadline():
+    capped, cancelled, late = row(max_tokens=2), row(), row(deadline=0.0)
+    capped.add(4), capped.add(5)
+    cancelled.cancel()
+    cancelled.add(4)
+    late.add(4)
+    assert capped.finished and cancelled.finished and late.finished and late.timed_out
+    assert await read(capped) == [[4, 5]]
 
 
-def test_only_key_value_and_linear_attention_layers_can_be_merged():
-    assert can_merge(Cache(layers=[DynamicLayer(), LinearAttentionLayer()]))
-    assert not can_merge(Cache(layers=[DynamicLayer(), DynamicSlidingWindowLayer(sliding_window=4)]))
+async def test_an_error_reaches_the_reader_after_the_tokens_before_it():
+    r = row()
+    r.add(4)
+    deliver([r])
+    r.end(ValueError("boom"))
+    stream = aiter(r)
+    assert await anext(stream) == [4]
+    with pytest.raises(ValueError, match="boom"):
+        await anext(stream)
+
+
+async def test_rows_are_fed_from_another_thread():
+    r = row(max_tokens=3)
+
+    def engine() -> None:
+        for token in (4, 5, 6):
+            r.add(token)
+            deliver([r])
+
+    await asyncio.to_thread(engine)
+    assert sum(await read(r), []) == [4, 5, 6]
+
+
+def test_merge_inputs_left_pads_ids_and_packs_pixels():
+    a = {"input_ids": torch.tensor([[1, 2]]), "attention_mask": torch.ones(1, 2, dtype=torch.long),
+         "pixel_values": torch.ones(1, 3, 14, 5)}
+    b = {"input_ids": torch.tensor([[3, 4, 5]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+         "pixel_values": torch.ones(1, 3, 14, 7)}
+    merged = merge_inputs([a, b], pad_token_id=0)
+    assert merged["input_ids"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert merged["attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert merged["pixel_values"].shape == (1, 3, 14, 12)

@@ -1,102 +1,114 @@
-"""Per-request seeded sampling through logits processors."""
+"""Batched sampling: each row its own parameters, seeds independent of batch mates, and no value of one
+row able to fail another (property tests with extreme values)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from deployments.sampling import SeededSampler, build_logits_processors
+from deployments.sampling import BatchParams, RowSampling, sample
 
-CPU = torch.device("cpu")
 VOCAB = 50
 
 
-def draws(sampler, scores, n):
-    """The token chosen in row 0 by `n` successive calls."""
-    input_ids = torch.zeros((scores.shape[0], 1), dtype=torch.long)
-    return [int(sampler(input_ids, scores.clone())[0].argmax()) for _ in range(n)]
+def draw(logits: torch.Tensor, rows: list[RowSampling], seen: torch.Tensor | None = None,
+         no_eos: torch.Tensor | None = None, eos: list[int] | None = None) -> tuple[list[int], list[int]]:
+    shared = torch.Generator().manual_seed(0)
+    out = sample(logits, BatchParams(rows, logits.device), [r.generator(logits.device) for r in rows], shared, seen,
+                 no_eos, torch.tensor(eos) if eos else None)
+    return out[:, 0].tolist(), out[:, 1].tolist()
 
 
-def flat_scores(rows=1):
-    return torch.zeros((rows, VOCAB))
+def test_greedy_rows_take_the_argmax():
+    logits = torch.randn(3, VOCAB)
+    tokens, failed = draw(logits, [RowSampling()] * 3)
+    assert tokens == logits.argmax(-1).tolist() and failed == [0, 0, 0]
 
 
-def test_seeded_sampler_leaves_exactly_one_finite_entry_per_row():
-    scores = torch.randn((4, VOCAB), generator=torch.Generator().manual_seed(0))
-    out = SeededSampler(seed=1, device=CPU)(torch.zeros((4, 1), dtype=torch.long), scores)
-    assert out.shape == scores.shape
-    finite = torch.isfinite(out)
-    assert finite.sum(dim=-1).tolist() == [1, 1, 1, 1]
-    assert torch.all(out[finite] == 0.0)
-    assert torch.all(out[~finite] == float("-inf"))
+def test_a_seeded_row_draws_the_same_tokens_whoever_shares_its_batch():
+    logits = torch.randn(1, VOCAB)
+    seeded = RowSampling(temperature=1.0, seed=1234)
+    alone = [draw(logits, [seeded])[0][0] for _ in range(3)]
+    with_others = draw(torch.cat([torch.randn(2, VOCAB), logits]), [RowSampling(temperature=1.0), RowSampling(),
+                                                                      seeded])[0][2]
+    assert alone == [alone[0]] * 3 and with_others == alone[0]
 
 
-def test_seeded_sampler_same_seed_gives_same_sequence_of_choices():
-    a = draws(SeededSampler(seed=123, device=CPU), flat_scores(), 40)
-    b = draws(SeededSampler(seed=123, device=CPU), flat_scores(), 40)
-    assert a == b
-    assert len(set(a)) > 1  # it really samples, rather than always picking one token
+def test_seeded_sampling_follows_the_distribution():
+    probs = torch.tensor([[0.7, 0.2, 0.1]])
+    counts = [0, 0, 0]
+    for seed in range(600):
+        counts[draw(probs.log(), [RowSampling(temperature=1.0, seed=seed)])[0][0]] += 1
+    assert 360 < counts[0] < 480 and 70 < counts[1] < 170 and 20 < counts[2] < 100
 
 
-def test_seeded_sampler_different_seeds_give_different_sequences():
-    a = draws(SeededSampler(seed=1, device=CPU), flat_scores(), 40)
-    b = draws(SeededSampler(seed=2, device=CPU), flat_scores(), 40)
-    assert a != b
+def test_top_k_one_and_tiny_top_p_pick_the_argmax():
+    logits = torch.randn(2, VOCAB)
+    rows = [RowSampling(temperature=2.0, top_k=1, seed=1), RowSampling(temperature=2.0, top_p=1e-6, seed=2)]
+    assert draw(logits, rows)[0] == logits.argmax(-1).tolist()
 
 
-def test_seeded_sampler_is_unaffected_by_the_global_torch_generator():
-    torch.manual_seed(0)
-    a = draws(SeededSampler(seed=7, device=CPU), flat_scores(), 20)
-    torch.manual_seed(999)
-    torch.rand(100)
-    b = draws(SeededSampler(seed=7, device=CPU), flat_scores(), 20)
-    assert a == b
+def test_top_k_keeps_sampling_within_the_k_best():
+    logits = torch.randn(1, VOCAB)
+    best = set(logits.topk(3).indices[0].tolist())
+    for seed in range(40):
+        assert draw(logits, [RowSampling(temperature=2.0, top_k=3, seed=seed)])[0][0] in best
 
 
-def test_seeded_sampler_never_picks_a_masked_token():
-    scores = torch.full((1, VOCAB), float("-inf"))
-    allowed = {3, 17, 41}
-    scores[0, list(allowed)] = 0.0
-    assert set(draws(SeededSampler(seed=5, device=CPU), scores, 60)) <= allowed
+def test_min_tokens_masks_eos_only_in_rows_that_must_go_on():
+    logits = torch.zeros(2, VOCAB)
+    logits[:, 7] = 10.0  # eos is the argmax of both rows
+    tokens, _ = draw(logits, [RowSampling(), RowSampling()], no_eos=torch.tensor([True, False]), eos=[7])
+    assert tokens[0] != 7 and tokens[1] == 7
 
 
-def test_temperature_zero_builds_no_seeded_sampler():
-    processors = build_logits_processors(
-        temperature=0.0, top_p=0.5, top_k=5, repetition_penalty=1.2, seed=3, device=CPU
-    )
-    assert not any(isinstance(p, SeededSampler) for p in processors)
-    assert len(processors) == 1  # only the repetition penalty
+def test_repetition_penalty_lowers_seen_tokens():
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 3], logits[0, 4] = 2.0, 1.5
+    seen = torch.zeros(1, VOCAB, dtype=torch.bool)
+    seen[0, 3] = True
+    assert draw(logits, [RowSampling(repetition_penalty=2.0)], seen=seen)[0] == [4]
 
 
-def test_positive_temperature_puts_the_seeded_sampler_last():
-    processors = build_logits_processors(
-        temperature=0.7, top_p=0.9, top_k=10, repetition_penalty=1.0, seed=3, device=CPU
-    )
-    assert isinstance(processors[-1], SeededSampler)
-    assert sum(isinstance(p, SeededSampler) for p in processors) == 1
+def test_a_row_with_nan_logits_fails_alone():
+    logits = torch.randn(3, VOCAB)
+    expected = logits.argmax(-1).tolist()
+    logits[1, 5] = math.nan
+    tokens, failed = draw(logits, [RowSampling(), RowSampling(temperature=1.0, seed=3), RowSampling()])
+    assert failed == [0, 1, 0]
+    assert [tokens[0], tokens[2]] == [expected[0], expected[2]]
 
 
-def test_top_k_one_always_picks_the_argmax():
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.zeros((3, 1), dtype=torch.long)
-    for seed in range(20):
-        scores = torch.randn((3, VOCAB), generator=generator)
-        processors = build_logits_processors(
-            temperature=1.5, top_p=1.0, top_k=1, repetition_penalty=1.0, seed=seed, device=CPU
-        )
-        out = processors(input_ids, scores.clone())
-        assert torch.equal(out.argmax(dim=-1), scores.argmax(dim=-1))
-        assert torch.isfinite(out).sum(dim=-1).tolist() == [1, 1, 1]
+def test_a_row_with_no_finite_logit_fails_alone():
+    logits = torch.randn(2, VOCAB)
+    logits[0] = -math.inf
+    tokens, failed = draw(logits, [RowSampling(temperature=1.0, seed=1), RowSampling()])
+    assert failed == [1, 0] and tokens[1] == logits[1].argmax().item()
 
 
-def test_full_pipeline_with_same_seed_is_reproducible():
-    scores = torch.randn((2, VOCAB), generator=torch.Generator().manual_seed(1))
-    input_ids = torch.zeros((2, 1), dtype=torch.long)
+finite_logit = st.floats(min_value=-1e38, max_value=1e38, allow_nan=False)
+extreme_row = st.builds(
+    RowSampling,
+    temperature=st.sampled_from([0.0, 1e-30, 1e-6, 1e-5, 0.01, 1.0, 2.0]),
+    top_p=st.sampled_from([1e-30, 1e-6, 0.5, 1.0]),
+    top_k=st.sampled_from([0, 1, 5, 10**9]),
+    repetition_penalty=st.sampled_from([1e-30, 1e-3, 1.0, 2.0]),
+    seed=st.one_of(st.none(), st.sampled_from([0, -(2**63), 2**64 - 1])),
+)
 
-    def run(seed):
-        processors = build_logits_processors(
-            temperature=0.8, top_p=0.95, top_k=20, repetition_penalty=1.0, seed=seed, device=CPU
-        )
-        return [processors(input_ids, scores.clone()).argmax(dim=-1).tolist() for _ in range(30)]
 
-    assert run(11) == run(11)
-    assert run(11) != run(12)
+@settings(max_examples=150, deadline=None)
+@given(rows=st.lists(extreme_row, min_size=1, max_size=4),
+       values=st.lists(finite_logit, min_size=4 * VOCAB, max_size=4 * VOCAB),
+       infinities=st.booleans())
+def test_extreme_but_valid_parameters_never_fail_a_row_with_finite_logits(rows, values, infinities):
+    logits = torch.tensor(values, dtype=torch.float32).view(4, VOCAB)[: len(rows)]
+    if infinities:
+        logits[:, 0], logits[:, 1] = math.inf, -math.inf  # overflow as a model could produce it
+    seen = torch.rand(len(rows), VOCAB) < 0.5
+    tokens, failed = draw(logits, rows, seen=seen)
+    assert failed == [0] * len(rows)
+    assert all(0 <= t < VOCAB for t in tokens)

@@ -1,0 +1,306 @@
+"""The engine core: one thread per replica runs the step loop over the running rows.
+
+Each loop iteration (1) admits waiting requests, (2) runs at most one prefill forward of at most
+`prefill_tokens` prompt tokens (a group of short prompts together, or the next chunk of a long
+one) and (3) runs one decode step: one forward of the text tower over every running row, on the
+engine's `SlotCache`, then one batched sampling pass and one device-to-host copy. A newcomer's
+prefill thus delays the running rows by one bounded forward, never by its whole prompt, and a
+row that finishes or is cancelled leaves the batch before the next step.
+
+Isolation: a row's failure ends that row only. A prefill group that fails is split and each
+prompt retried alone, so only the one that cannot be prefilled fails; a row whose logits go
+non-finite ends alone with an error; cancelled and timed-out rows leave without touching the
+others. Only a failure of the shared decode forward itself (which no request's content reaches
+but through valid token ids) ends every running row; the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from deployments.errors import ServiceError
+from deployments.rows import Row, deliver, merge_inputs
+from deployments.sampling import BatchParams, sample
+from deployments.slots import SlotCache
+
+logger = logging.getLogger("ray.serve")
+
+
+class NumericalError(ServiceError):
+    """A row's logits held NaN or no finite value (a numerical failure of the model)."""
+
+
+class _Prefill:
+    """The prompt forward of a group of newcomers, run chunk by chunk into a fresh DynamicCache."""
+
+    def __init__(self, rows: list[Row], embeds: torch.Tensor, mask: torch.Tensor, chunk: int, config) -> None:
+        self.rows, self.embeds, self.mask, self.chunk = rows, embeds, mask, chunk
+        self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.cache = DynamicCache(config=config)
+        self.offset = 0
+
+    @property
+    def done(self) -> bool:
+        return self.offset >= self.embeds.shape[1]
+
+
+class EngineCore:
+    """Continuous batching over the model's own forward, with a cache the engine owns."""
+
+    def __init__(self, model, max_rows: int, max_len: int, pad_token_id: int, batch_wait_s: float,
+                 continuous: bool = True, prefill_tokens: int = 512,
+                 on_rows: Callable[[int], None] = lambda rows: None) -> None:
+        self.model, self.max_rows, self.continuous = model, max_rows, continuous
+        self.text, self.lm_head = model.model.language_model, model.lm_head
+        self.text_config = model.config.get_text_config()
+        self.device = model.device
+        self._pad, self._wait_s, self._prefill_tokens, self._on_rows = pad_token_id, batch_wait_s, prefill_tokens, on_rows
+        conv_dtype = next((m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.Conv1d)), model.dtype)
+        self.cache = SlotCache(self.text_config, max_rows, max_len, model.dtype, self.device, conv_dtype)
+        self._rows: list[Row] = []  # slot order: row i lives in slot i
+        self._next_ids = torch.zeros(max_rows, dtype=torch.long, device=self.device)
+        self._seen: torch.Tensor | None = None  # (max_rows, vocab) ids the repetition penalty applies to
+        self._params: BatchParams | None = None
+        self._shared_generator = torch.Generator(device=self.device)
+        self._shared_generator.seed()
+        self._waiting: queue.Queue[Row] = queue.Queue()
+        self._queued: deque[Row] = deque()  # admitted, not yet prefilled
+        self._prefill: _Prefill | None = None
+        self.batch_sizes: list[int] = []  # rows in the batch after each admission (last 100)
+        self.last_progress = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="engine-core", daemon=True)
+        self._thread.start()
+
+    # ---- called from the event loop ----
+
+    def submit(self, row: Row) -> None:
+        self._waiting.put(row)
+
+    @property
+    def running(self) -> int:
+        """Rows being generated, prefilled or waiting (cancelled rows drop out within one step)."""
+        prefilling = self._prefill.rows if self._prefill else []
+        return sum(not r.finished for r in [*self._rows, *self._queued, *prefilling]) + self._waiting.qsize()
+
+    @property
+    def rows_in_batch(self) -> int:
+        """Rows the decode step computes."""
+        return len(self._rows)
+
+    def stalled_for(self) -> float:
+        """Seconds a busy engine has made no step (0 when idle); inf if its thread died."""
+        if not self._thread.is_alive():
+            return float("inf")
+        busy = self._rows or self._queued or self._prefill
+        return time.monotonic() - self.last_progress if busy else 0.0
+
+    # ---- the engine thread ----
+
+    def _run(self) -> None:
+        while True:
+            self._admit()
+            with torch.inference_mode():
+                if self._prefill or self._queued:
+                    self._prefill_step()
+                if self._rows:
+                    self._decode_step()
+
+    def _admit(self) -> None:
+        """Move waiting requests to the prefill queue: when idle, block for one and wait
+        `batch_wait_s` for more; while busy (continuous mode), whatever waits, up to free rows."""
+        busy = bool(self._rows or self._queued or self._prefill)
+        if busy and not self.continuous:
+            return
+        room = self.max_rows - len(self._rows) - len(self._queued) - (len(self._prefill.rows) if self._prefill else 0)
+        taken = [] if busy else [self._waiting.get()]
+        deadline = time.monotonic() + (0.0 if busy else self._wait_s)
+        while len(taken) < room:
+            try:
+                taken.append(self._waiting.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        for row in taken:
+            if row.cancelled:
+                row.end()
+            else:
+                self._queued.append(row)
+        self._mark_progress()
+
+    def _prefill_step(self) -> None:
+        """Run one prefill forward: start a group if none is running, then its next chunk."""
+        if self._prefill is None:
+            self._prefill = self._start_prefill()
+            if self._prefill is None:
+                return
+        prefill = self._prefill
+        try:
+            logits = self._prefill_chunk(prefill)
+        except Exception as exc:
+            self._prefill = None
+            self._prefill_failed(prefill.rows, exc)
+            return
+        if prefill.done:
+            self._prefill = None
+            self._join(prefill, logits)
+
+    def _start_prefill(self) -> _Prefill | None:
+        """A group from the front of the queue whose padded prompts fit the token budget (at least one)."""
+        while self._queued and self._queued[0].cancelled:
+            self._queued.popleft().end()
+        if not self._queued:
+            return None
+        group = [self._queued.popleft()]
+        while (self._queued and not group[0].alone and not self._queued[0].alone
+               and (len(group) + 1) * max(r.prompt_len for r in [*group, self._queued[0]]) <= self._prefill_tokens):
+            group.append(self._queued.popleft())
+        self.batch_sizes = [*self.batch_sizes[-99:], len(self._rows) + len(group)]
+        try:
+            inputs = merge_inputs([r.inputs for r in group], self._pad)
+            embeds = self._embed(inputs)
+        except Exception as exc:
+            self._prefill_failed(group, exc)
+            return None
+        for row in group:
+            row.inputs = None  # the images live on in the embeddings, then only in the cache
+        return _Prefill(group, embeds, inputs["attention_mask"], self._prefill_tokens, self.text_config)
+
+    def _embed(self, inputs: dict) -> torch.Tensor:
+        """Token embeddings with the vision tower's features scattered into the image/video placeholders,
+        as MiniCPM-V 4.6's own forward does."""
+        inner = self.model.model
+        ids = inputs["input_ids"]
+        embeds = inner.get_input_embeddings()(ids)
+        for pixels, sizes, features, token_id in (
+            ("pixel_values", "target_sizes", inner.get_image_features, self.model.config.image_token_id),
+            ("pixel_values_videos", "target_sizes_videos", inner.get_video_features, self.model.config.video_token_id),
+        ):
+            if pixels in inputs:
+                output = features(inputs[pixels][:1], inputs[sizes])
+                values = torch.cat(output.pooler_output, dim=0).to(embeds.device, embeds.dtype)
+                embeds = embeds.masked_scatter(inner.get_placeholder_mask(ids, embeds, values, token_id), values)
+        return embeds
+
+    def _prefill_chunk(self, prefill: _Prefill) -> torch.Tensor:
+        """Forward the next chunk of the group's prompts; the logits of its last position (rows, vocab)."""
+        self._mark_progress()
+        start = prefill.offset
+        end = min(start + max(1, prefill.chunk // len(prefill.rows)), prefill.embeds.shape[1])
+        hidden = self.text(
+            inputs_embeds=prefill.embeds[:, start:end], attention_mask=prefill.mask[:, :end],
+            position_ids=prefill.positions[:, start:end], cache=prefill.cache, use_cache=True,
+        ).last_hidden_state
+        prefill.offset = end
+        return self.lm_head(hidden[:, -1])
+
+    def _prefill_failed(self, rows: list[Row], exc: Exception) -> None:
+        """A group that failed is retried one prompt at a time, so only the culprit fails."""
+        if len(rows) > 1:
+            logger.warning("Prefill of %d requests together failed (%s); retrying each alone", len(rows),
+                           type(exc).__name__)
+            for row in reversed(rows):
+                row.alone = True
+                self._queued.appendleft(row)
+            return
+        logger.error("Prefill failed for request %s", rows[0].request_id, exc_info=exc)
+        rows[0].end(exc)
+
+    def _join(self, prefill: _Prefill, logits: torch.Tensor) -> None:
+        """Copy the prefilled rows into free slots and sample their first tokens."""
+        width = prefill.mask.shape[1]
+        first = len(self._rows)
+        for i, row in enumerate(prefill.rows):
+            length = row.prompt_len
+            self.cache.load(first + i, prefill.cache, i, width - length, length)
+            self._rows.append(row)
+        self._on_rows(len(self._rows))
+        self._params = None
+        self._sample_and_stream(logits, first)
+
+    def _decode_step(self) -> None:
+        self._mark_progress()
+        rows = len(self._rows)
+        try:
+            positions, mask = self.cache.begin_step(rows)
+            hidden = self.text(
+                input_ids=self._next_ids[:rows, None], position_ids=positions,
+                attention_mask={"full_attention": mask, "linear_attention": None}, cache=self.cache, use_cache=True,
+            ).last_hidden_state
+            self.cache.end_step()
+            self._sample_and_stream(self.lm_head(hidden[:, -1]), 0)
+        except Exception as exc:  # the shared forward failed: end what runs, keep serving
+            logger.error("Decode step failed for %d requests", rows, exc_info=exc)
+            for row in self._rows:
+                row.end(exc)
+            self._rows = []
+            self._on_rows(0)
+
+    def _sample_and_stream(self, logits: torch.Tensor, first: int) -> None:
+        """Sample rows first.. (whose logits these are), stream each its token, drop finished rows."""
+        rows = self._rows[first:]
+        if self._params is None:
+            self._params = BatchParams([r.sampling for r in self._rows], self.device)
+            if self._params.use_penalty:
+                self._ensure_seen(logits.shape[-1])
+        params = self._params if first == 0 else BatchParams([r.sampling for r in rows], self.device)
+        if first > 0 and self._seen is not None:
+            for slot, row in enumerate(rows, start=first):
+                self._seen[slot] = False
+                self._seen[slot, row.prompt_ids] = True
+        seen = self._seen[first : first + len(rows)] if self._seen is not None else None
+        no_eos = [r.generated < r.sampling.min_tokens for r in rows]
+        draws = sample(
+            logits, params, [r.generator for r in rows], self._shared_generator, seen,
+            torch.tensor(no_eos, device=self.device) if any(no_eos) else None, self._eos_tensor(rows),
+        )
+        tokens = draws[:, 0]
+        self._next_ids[first : first + len(rows)] = tokens
+        if seen is not None:
+            seen[torch.arange(len(rows), device=self.device), tokens] = True
+        for row, (token, failed) in zip(rows, draws.tolist()):  # the one device-to-host copy
+            if failed:
+                row.end(NumericalError("The model produced invalid (non-finite) scores for this request"))
+            else:
+                row.add(token)
+        deliver(rows)
+        self._drop_finished()
+
+    def _eos_tensor(self, rows: list[Row]) -> torch.Tensor:
+        ids = sorted(set().union(*(r.eos_ids for r in rows)))
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def _ensure_seen(self, vocab: int) -> None:
+        if self._seen is None:
+            self._seen = torch.zeros(self.max_rows, vocab, dtype=torch.bool, device=self.device)
+            for slot, row in enumerate(self._rows):
+                self._seen[slot, row.prompt_ids] = True
+                self._seen[slot, row.tokens] = True
+
+    def _drop_finished(self) -> None:
+        """Finished rows leave; the last row takes each freed slot, so running rows stay slots 0..n-1."""
+        keep = len(self._rows)
+        for slot in reversed(range(len(self._rows))):
+            if not self._rows[slot].finished:
+                continue
+            last = len(self._rows) - 1
+            if slot != last:
+                self.cache.move(last, slot)
+                self._next_ids[slot] = self._next_ids[last]
+                if self._seen is not None:
+                    self._seen[slot] = self._seen[last]
+                self._rows[slot] = self._rows[last]
+            self._rows.pop()
+        if len(self._rows) != keep:
+            self._params = None
+            self._on_rows(len(self._rows))
+
+    def _mark_progress(self) -> None:
+        self.last_progress = time.monotonic()
+
