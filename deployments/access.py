@@ -13,10 +13,11 @@ import os
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from deployments.errors import PayloadTooLargeError
+from deployments.errors import PayloadTooLargeError, ServiceError, UnauthorizedError, error_body
 
-# Paths anyone may open: the chat page asks for the key itself, and health checks need none.
-PROTECTED_PREFIX = "/v1/"
+# With a key set, the API and its schema need it; the chat page (which asks for the key itself) and
+# the health check do not.
+PROTECTED_PREFIXES = ("/v1/", "/docs", "/redoc", "/openapi.json")
 
 
 class AccessPolicy:
@@ -64,16 +65,17 @@ class AccessMiddleware:
             path = path[len(root):]
         headers = dict(scope["headers"])
         preflight = scope["method"] == "OPTIONS" and b"access-control-request-method" in headers
-        if path.startswith(PROTECTED_PREFIX) and not preflight:
+        if path.startswith(PROTECTED_PREFIXES) and not preflight:
             if not self.policy.allows(headers.get(b"authorization", b"").decode("latin-1")):
-                return await _error(scope, send, 401, "invalid_api_key",
-                                    "Missing or invalid API key: send it as 'Authorization: Bearer <key>'",
-                                    self.policy.cors_origins)
+                error = UnauthorizedError("Missing or invalid API key: send it as 'Authorization: Bearer <key>'")
+                return await _error(scope, send, error, self.policy.cors_origins)
         limit = self.policy.max_body_bytes
-        if limit is not None and int(headers.get(b"content-length", b"0") or 0) > limit:
-            return await _error(scope, send, 413, "payload_too_large",
-                                f"The request body is larger than the {limit} byte limit", self.policy.cors_origins)
-        await app(scope, _capped(receive, limit) if limit is not None else receive, send)
+        if limit is not None:
+            receive = await _within_limit(headers, receive, limit)
+            if receive is None:
+                error = PayloadTooLargeError(f"The request body is larger than the {limit} byte limit")
+                return await _error(scope, send, error, self.policy.cors_origins)
+        await app(scope, receive, send)
 
     def _with_cors(self) -> ASGIApp:
         if not self.policy.cors_origins:
@@ -86,25 +88,40 @@ class AccessMiddleware:
         return self._cors
 
 
-def _capped(receive: Receive, limit: int) -> Receive:
-    """`receive` that refuses bodies sent without Content-Length once they pass `limit`."""
-    seen = 0
+async def _within_limit(headers: dict, receive: Receive, limit: int) -> Receive | None:
+    """`receive` for a body within `limit` bytes, or None when it is over.
 
-    async def capped() -> dict:
-        nonlocal seen
+    A declared Content-Length is checked at once. A body sent without one (chunked) is read here, up
+    to one byte past the limit, and replayed to the app: the app reads whole bodies anyway, and an
+    error raised from inside the app's body parsing would surface as its 400 instead of a 413.
+    """
+    declared = headers.get(b"content-length")
+    if declared is not None:
+        try:
+            return receive if int(declared) <= limit else None
+        except ValueError:
+            return receive  # the server rejects a malformed Content-Length itself
+    chunks, size, more = [], 0, True
+    while more:
         message = await receive()
-        seen += len(message.get("body", b""))
-        if seen > limit:
-            raise PayloadTooLargeError(f"The request body is larger than the {limit} byte limit")
-        return message
+        if message["type"] != "http.request":
+            return receive  # the client left: let the app see it
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        more = message.get("more_body", False)
+        if size > limit:
+            return None
+    replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-    return capped
+    async def replayed() -> dict:
+        return replay.pop() if replay else await receive()
+
+    return replayed
 
 
-async def _error(scope: Scope, send: Send, status: int, code: str, message: str, cors_origins: list[str]) -> None:
-    request_id = scope.get("state", {}).get("request_id")
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": code,
-                                 "param": None, "request_id": request_id}}).encode()
+async def _error(scope: Scope, send: Send, error: ServiceError, cors_origins: list[str]) -> None:
+    status = error.status_code
+    body = json.dumps(error_body(error, scope.get("state", {}).get("request_id"))).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoProcessor, MiniCPMV4_6ForConditionalGeneration, ProcessorMixin
 
 from deployments.errors import CheckpointError
-from deployments.presets import PRESET_PREFIX, Variant, ensure_preset
+from deployments.presets import PRESET_PREFIX, ensure_preset
+from deployments.types import Variant
 
 logger = logging.getLogger("ray.serve")
 

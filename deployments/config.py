@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.presets import Variant
+from deployments.types import Variant
 
 MiB = 1024 * 1024
 
@@ -151,6 +151,14 @@ class MediaConfig(BaseModel):
     )
     max_video_bytes: int = Field(default=100 * MiB, gt=0, description="Encoded size of one video.")
     max_video_duration_s: float = Field(default=600.0, gt=0, description="Length of one video.")
+    max_video_frame_pixels: int = Field(
+        default=1920 * 1080, gt=0, description="width x height of a decoded video frame; larger videos are decoded "
+        "downscaled to fit (the processor resizes frames to far fewer pixels anyway).",
+    )
+    max_video_decoded_bytes: int = Field(
+        default=128 * MiB, gt=0, description="Bytes of decoded RGB frames from one video; more frames or larger "
+        "frames than fit are decoded downscaled to fit.",
+    )
     video_fps: float = Field(default=2.0, gt=0, description="Frames sampled per second of video by default.")
     video_fps_cap: float = Field(default=8.0, gt=0, description="Highest fps a request may ask for.")
     max_video_frames: int = Field(
@@ -182,6 +190,11 @@ class RouterArgs(BaseModel):
     media: MediaConfig = Field(default_factory=MediaConfig)
     max_tokens_cap: int = Field(default=8192, ge=1, description="Largest max_tokens a request may ask for.")
     max_messages: int = Field(default=256, ge=1, description="Most messages in one request.")
+    max_content_parts: int = Field(default=64, ge=1, description="Most content parts (text, image, video) in one message.")
+    max_text_chars: int = Field(
+        default=500_000, ge=1, description="Most characters of text in one request, all messages; checked before "
+        "tokenizing (the context limit is checked after).",
+    )
     max_body_bytes: int = Field(
         default=160 * MiB, gt=0, description="Largest request body (data URLs included); larger gets 413.",
     )

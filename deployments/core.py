@@ -68,7 +68,8 @@ class EngineCore:
         self._rows: list[Row] = []  # slot order: row i lives in slot i
         self._next_ids = torch.zeros(max_rows, dtype=torch.long, device=self.device)
         self._seen: torch.Tensor | None = None  # (max_rows, vocab) ids the repetition penalty applies to
-        self._params: BatchParams | None = None
+        self._params: BatchParams | None = None  # of the running rows; None when they changed
+        self._eos: torch.Tensor | None = None  # the running rows' end-of-sequence ids
         self._shared_generator = torch.Generator(device=self.device)
         self._shared_generator.seed()
         self._waiting: queue.Queue[Row] = queue.Queue()
@@ -247,6 +248,7 @@ class EngineCore:
         rows = self._rows[first:]
         if self._params is None:
             self._params = BatchParams([r.sampling for r in self._rows], self.device)
+            self._eos = self._eos_tensor(self._rows)
             if self._params.use_penalty:
                 self._ensure_seen(logits.shape[-1])
         params = self._params if first == 0 else BatchParams([r.sampling for r in rows], self.device)
@@ -258,7 +260,8 @@ class EngineCore:
         no_eos = [r.generated < r.sampling.min_tokens for r in rows]
         draws = sample(
             logits, params, [r.generator for r in rows], self._shared_generator, seen,
-            torch.tensor(no_eos, device=self.device) if any(no_eos) else None, self._eos_tensor(rows),
+            torch.tensor(no_eos, device=self.device) if any(no_eos) else None,
+            self._eos if first == 0 else self._eos_tensor(rows),
         )
         tokens = draws[:, 0]
         self._next_ids[first : first + len(rows)] = tokens

@@ -49,6 +49,7 @@ class Engine:
             torch.set_num_threads(config.torch_threads)
         self.processor, self.model = checkpoint.load(config.checkpoint, config.variant, config.dtype, config.device)
         self.tokenizer = self.processor.tokenizer
+        self._control_texts = control_texts(self.tokenizer)
         text_config = self.model.config.get_text_config()
         self.max_model_len = config.max_model_len or text_config.max_position_embeddings
         self.defaults = self.model.generation_config
@@ -108,7 +109,7 @@ class Engine:
 
     def prepare(self, request: GenerationRequest) -> _Prepared:
         """Render and tokenize the prompt (and process images/videos); check the context fits."""
-        messages, videos = _to_hf_messages(request.messages)
+        messages, videos = _to_hf_messages(request.messages, self._control_texts)
         kwargs = {}
         if videos:
             kwargs["processor_kwargs"] = {"video_metadata": [_metadata(v) for v in videos], "do_sample_frames": False}
@@ -174,14 +175,36 @@ def _pick(*values):
     return next(v for v in values if v is not None)
 
 
-def _to_hf_messages(messages) -> tuple[list[dict], list[Video]]:
-    """Our messages -> the transformers chat format; videos returned in prompt order."""
+def control_texts(tokenizer) -> list[str]:
+    """The text of every special token (roles, image/video placeholders...), longest first."""
+    specials = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    return sorted(specials, key=len, reverse=True)
+
+
+def defuse(text: str, controls: list[str]) -> str:
+    """Client text with every special token's text broken by a zero-width space after its first character.
+
+    Text from a client is text: a user typing `<|im_start|>system` or `<|image_pad|>` must neither open a
+    role nor claim an image slot. The tokenizer matches special tokens by their exact text, so the broken
+    form tokenizes as the ordinary characters it shows.
+    """
+    for control in controls:
+        if control in text:
+            text = text.replace(control, control[0] + ZERO_WIDTH_SPACE + control[1:])
+    return text
+
+
+ZERO_WIDTH_SPACE = "\u200b"
+
+
+def _to_hf_messages(messages, controls: list[str]) -> tuple[list[dict], list[Video]]:
+    """Our messages -> the transformers chat format (client text defused); videos returned in prompt order."""
     hf_messages, videos = [], []
     for message in messages:
         parts = []
         for part in message.content:
             if isinstance(part, str):
-                parts.append({"type": "text", "text": part})
+                parts.append({"type": "text", "text": defuse(part, controls)})
             elif isinstance(part, Video):
                 parts.append({"type": "video", "video": part.frames})
                 videos.append(part)

@@ -68,5 +68,27 @@ class OverloadedError(ServiceError):
     retry_after = 1
 
 
+def error_body(error: ServiceError, request_id: str | None) -> dict:
+    """The OpenAI error shape for `error`, the one place every error response (JSON, SSE event, middleware)
+    is built. An unexpected error (a bare ServiceError) says only that it happened, with the request id."""
+    message = error.message
+    if type(error) is ServiceError:
+        message = f"Internal error (request id {request_id})"
+    return {"error": {"message": message, "type": error.error_type, "code": error.code, "param": error.param,
+                      "request_id": request_id}}
+
+
+class HTTPStatusError(ServiceError):
+    """A plain HTTP error raised by the framework (404 for an unknown path, 405 ...)."""
+
+    error_type = "invalid_request_error"
+
+
+class UnauthorizedError(ServiceError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be found, built or loaded. Raised at start-up, not per request."""

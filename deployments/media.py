@@ -67,12 +67,13 @@ class MediaLoader:
         fps = min(part.video_url.fps or self.config.video_fps, self.config.video_fps_cap)
         max_frames = min(part.video_url.max_frames or self.config.max_video_frames, self.config.max_video_frames)
         async with self._decoding:
-            return await asyncio.to_thread(self._videos.decode, data, fps, max_frames, self.config.max_video_duration_s)
+            return await asyncio.to_thread(self._videos.decode, data, fps, max_frames, self.config.max_video_duration_s,
+                                           self.config.max_video_frame_pixels, self.config.max_video_decoded_bytes)
 
     async def _read(self, url: str, kind: str, max_bytes: int) -> bytes:
-        scheme = urlsplit(url).scheme.lower()
-        if scheme == "data":
-            return read_data_url(url, kind, max_bytes)
+        scheme = _split(url, kind).scheme.lower()
+        if scheme == "data":  # base64 decoding of up to max_image/video_bytes: off the event loop
+            return await asyncio.to_thread(read_data_url, url, kind, max_bytes)
         if scheme in ("http", "https"):
             return await fetch(url, kind, max_bytes, self.config)
         if scheme in ("", "file"):
@@ -96,15 +97,18 @@ def read_local(url: str, kind: str, max_bytes: int, media_dir: str | None) -> by
     if media_dir is None:
         raise MediaRefusedError(f"Local {kind} paths are off: set media.local_media_dir to allow a directory")
     root = Path(media_dir).resolve()
-    raw = unquote(urlsplit(url).path) if url.startswith("file:") else url
-    path = (root / raw).resolve()  # an absolute `raw` replaces root; resolve() follows symlinks
-    if not path.is_relative_to(root):
-        raise MediaRefusedError(f"The {kind} path is outside the media directory")
-    if not path.is_file():
-        raise MediaError(f"No such {kind} file in the media directory: {raw}")
-    if path.stat().st_size > max_bytes:
-        raise _too_large(kind, max_bytes)
-    return path.read_bytes()
+    raw = unquote(_split(url, kind).path) if url.startswith("file:") else url
+    try:
+        path = (root / raw).resolve()  # an absolute `raw` replaces root; resolve() follows symlinks
+        if not path.is_relative_to(root):
+            raise MediaRefusedError(f"The {kind} path is outside the media directory")
+        if not path.is_file():
+            raise MediaError(f"No such {kind} file in the media directory")
+        if path.stat().st_size > max_bytes:
+            raise _too_large(kind, max_bytes)
+        return path.read_bytes()
+    except (OSError, ValueError):  # a NUL byte, a name too long, unreadable...
+        raise MediaError(f"The {kind} path cannot be read") from None
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -125,7 +129,10 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise MediaError(f"The image has more pixels than the limit of {limit}") from None
     except UnidentifiedImageError:
         raise MediaError("The image could not be decoded: not a supported image file") from None
-    except OSError:
+    except MediaError:
+        raise
+    except Exception:  # noqa: BLE001 - any decoder failure on client bytes (broken EXIF, chunks that inflate
+        # too large, truncated data: OSError, ValueError, SyntaxError, struct.error, zlib.error...) is a 400
         raise MediaError("The image could not be decoded: the file is corrupt or truncated") from None
     if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
         # Transparent pixels go on white, not on whatever colour they happen to store.
@@ -179,16 +186,31 @@ async def fetch(url: str, kind: str, max_bytes: int, config: MediaConfig) -> byt
                     if response.status != 200:
                         raise MediaError(f"Fetching the {kind} URL failed with HTTP {response.status}")
                     return await _read_capped(response, kind, max_bytes)
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:  # ValueError: a URL
+                # aiohttp cannot parse or a host it cannot encode
                 if resolver.refused:
                     raise MediaRefusedError(f"The {kind} URL resolves to a private or local address") from None
                 raise MediaError(f"Fetching the {kind} URL failed: {type(exc).__name__}") from None
         raise MediaError(f"The {kind} URL redirected more than {config.max_redirects} times")
 
 
+def _split(url: str, kind: str):
+    """urlsplit, with its ValueError (an unclosed IPv6 bracket, a bad port...) as a 400."""
+    try:
+        parts = urlsplit(url)
+        parts.hostname, parts.port  # noqa: B018 - both parse lazily and may raise
+        return parts
+    except ValueError:
+        raise MediaError(f"The {kind} URL is malformed") from None
+
+
 def _check_url(url: str, kind: str, config: MediaConfig) -> None:
-    parts = urlsplit(url)
+    parts = _split(url, kind)
     host = (parts.hostname or "").lower()
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise MediaError(f"The {kind} URL's host is not a valid domain name") from None
     if parts.scheme not in ("http", "https") or not host:
         raise MediaRefusedError(f"The {kind} URL must be http(s) with a host")
     if config.allowed_domains and not any(host == d or host.endswith("." + d) for d in config.allowed_domains):

@@ -10,7 +10,6 @@ import psutil
 from ray import serve
 
 from deployments.config import ModelConfig
-from deployments.engine import Engine
 from deployments.metrics import active_streams_gauge, batch_rows_gauge
 from deployments.types import Chunk, GenerationRequest
 
@@ -20,6 +19,10 @@ class ModelDeployment:
     """Loads one checkpoint and streams generations from it."""
 
     def __init__(self, config: ModelConfig) -> None:
+        # Imported here: the router's process imports this module too (through serve_app) and must not
+        # need torch or transformers.
+        from deployments.engine import Engine
+
         self._tags = {"variant": config.variant}
         batch_rows = batch_rows_gauge()
         self.engine = Engine(config, on_batch_rows=lambda rows: batch_rows.set(rows, tags=self._tags))

@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from deployments.config import MediaConfig, ModelConfig, RouterArgs
-from deployments.errors import BadRequestError, ModelNotFoundError, ServiceError
+from deployments.errors import BadRequestError, ModelNotFoundError, ServiceError, error_body
 from deployments.schemas import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -76,6 +76,7 @@ async def to_generation_request(
     if (request.requested_max_tokens or 0) > limits.max_tokens_cap:
         raise BadRequestError(f"max_tokens is {request.requested_max_tokens}; this server allows at most "
                               f"{limits.max_tokens_cap}", param="max_tokens")
+    _check_content_size(request, limits)
     _check_media_counts(request, limits.media)
     messages = [
         ChatMessage(role="system" if m.role == "developer" else m.role, content=await _content(m.content, load_media))
@@ -93,6 +94,19 @@ async def to_generation_request(
         raise BadRequestError("min_tokens must not exceed max_tokens", param="min_tokens")
     return GenerationRequest(messages=messages, enable_thinking=enable_thinking, sampling=sampling,
                              request_id=request_id)
+
+
+def _check_content_size(request: ChatCompletionRequest, limits: RouterArgs) -> None:
+    chars = 0
+    for i, message in enumerate(request.messages):
+        parts = message.content if isinstance(message.content, list) else [message.content or ""]
+        if len(parts) > limits.max_content_parts:
+            raise BadRequestError(f"Message {i} has {len(parts)} content parts; the limit is "
+                                  f"{limits.max_content_parts}", param=f"messages.{i}.content")
+        chars += sum(len(p) if isinstance(p, str) else len(p.text) for p in parts if isinstance(p, str | TextPart))
+    if chars > limits.max_text_chars:
+        raise BadRequestError(f"The request has {chars} characters of text; the limit is {limits.max_text_chars}",
+                              param="messages")
 
 
 def _check_media_counts(request: ChatCompletionRequest, limits: MediaConfig) -> None:
@@ -122,12 +136,9 @@ def sse(payload: str) -> str:
     return f"data: {payload}\n\n"
 
 
-def error_event(error: ServiceError | None, request_id: str) -> str:
+def error_event(error: ServiceError, request_id: str) -> str:
     """The SSE event for an error after the stream started (the status is already 200)."""
-    message = error.message if error else f"Internal error while generating (request id {request_id})"
-    body = {"error": {"message": message, "type": error.error_type if error else "internal_error",
-                      "code": error.code if error else "internal_error", "param": None, "request_id": request_id}}
-    return sse(json.dumps(body))
+    return sse(json.dumps(error_body(error, request_id)))
 
 
 class CompletionStream:

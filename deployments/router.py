@@ -1,9 +1,9 @@
 """The ingress deployment: HTTP only. Validates, picks the variant, streams the answer back."""
 
 import asyncio
+import contextlib
 import functools
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,11 +19,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.access import AccessMiddleware, AccessPolicy
 from deployments.config import ModelConfig, RouterArgs
-from deployments.errors import BadRequestError, OverloadedError, ServiceError
+from deployments.errors import BadRequestError, HTTPStatusError, OverloadedError, ServiceError, error_body
 from deployments.media import MediaLoader
 from deployments.metrics import RequestTrace, RouterMetrics, Status
 from deployments.protocol import CompletionStream, choose_variant, collect, error_event, to_generation_request
-from deployments.schemas import ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+from deployments.schemas import ChatCompletionRequest, ModelCard, ModelList
 from deployments.types import Chunk
 
 logger = logging.getLogger("ray.serve")
@@ -75,15 +75,22 @@ async def _sse(first: Chunk, chunks: DeploymentResponseGenerator, stream: Comple
         error = _unwrap(exc)
         trace.status = _status(error)
         logger.exception("Request %s failed mid-stream", stream.request_id)
-        yield error_event(error if type(error) is not ServiceError else None, stream.request_id)
+        yield error_event(error, stream.request_id)
     except BaseException:  # the client went away: CancelledError / GeneratorExit
         trace.status = "cancelled"
         raise
     finally:
         # Client gone or done: make sure the replica stops generating.
-        chunks.cancel()
+        _stop(chunks)
         _finish(trace)
     yield "data: [DONE]\n\n"
+
+
+def _stop(chunks: DeploymentResponseGenerator) -> None:
+    """Cancel the replica's generation. Best effort: `cancel()` re-raises the error of a request that
+    never reached a replica (backpressure), which has nothing to stop."""
+    with contextlib.suppress(Exception):
+        chunks.cancel()
 
 
 @functools.cache
@@ -117,10 +124,13 @@ def _unwrap(exc: BaseException) -> ServiceError:
 # ---- one place maps every error to a status and the OpenAI error shape ----
 
 class RequestIdMiddleware:
-    """Puts the request id in `request.state`: the client's X-Request-Id if sane, else a new one.
+    """Puts the request id in `request.state`: the X-Request-Id the request arrived with, else a new one.
 
-    Serve's proxy already fills X-Request-Id (echoing the client's) and returns it, so the
-    header is only added here when it was missing. Pure ASGI rather than `@app.middleware`,
+    Serve's proxy fills X-Request-Id before us (the client's, or one it makes up), logs under it and
+    always returns it in the response, so that id is the request's id here too, whatever the client
+    sent: header, body, error bodies and log lines then all agree. (Header values cannot hold line
+    breaks, and every place the id goes escapes it.) The header is only added here when it was
+    missing, which happens without Serve's proxy. Pure ASGI rather than `@app.middleware`,
     which would buffer streams and hide disconnects.
     """
 
@@ -131,7 +141,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _SAFE_ID.fullmatch(incoming) else uuid.uuid4().hex
+        request_id = incoming or uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["trace"] = RequestTrace(request_id, arrival=time.perf_counter())
@@ -144,17 +154,15 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # One router per process: its __init__ configures this policy, the middleware reads it.
 ACCESS = AccessPolicy()
 app.add_middleware(AccessMiddleware, policy=ACCESS)
 app.add_middleware(RequestIdMiddleware)  # added last: outermost, so even a 401 carries an id
 
 
-def _error_response(request: Request, status: int, message: str, type_: str, code: str | None,
-                    param: str | None = None, headers: dict | None = None) -> JSONResponse:
-    body = ErrorResponse.of(message, type_, code, param, getattr(request.state, "request_id", None))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+def _error_response(request: Request, error: ServiceError, headers: dict | None = None) -> JSONResponse:
+    body = error_body(error, getattr(request.state, "request_id", None))
+    return JSONResponse(body, status_code=error.status_code, headers=headers)
 
 
 @app.exception_handler(ServiceError)
@@ -163,11 +171,8 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
     if trace is not None and request.url.path.endswith(CHAT_PATH):
         trace.status = _status(exc)
         _finish(trace)
-    message = exc.message
-    if type(exc) is ServiceError:  # unexpected: never echo internals to the client
-        message = f"Internal error (request id {getattr(request.state, 'request_id', None)})"
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverloadedError) else None
-    return _error_response(request, exc.status_code, message, exc.error_type, exc.code, exc.param, headers)
+    return _error_response(request, exc, headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -181,8 +186,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error_response(request, exc.status_code, str(exc.detail), "invalid_request_error",
-                           f"http_{exc.status_code}", headers=exc.headers)
+    error = HTTPStatusError(str(exc.detail))
+    error.status_code, error.code = exc.status_code, f"http_{exc.status_code}"
+    return _error_response(request, error, headers=exc.headers)
 
 
 @app.exception_handler(Exception)
@@ -223,7 +229,11 @@ class Router:
         trace.variant = config.variant
         generation_request = await to_generation_request(body, thinking, request_id, self._args, self._media.load)
         chunks = self._handles[config.variant].stream.remote(generation_request)
-        first = await _first(chunks)
+        try:
+            first = await _first(chunks)
+        except asyncio.CancelledError:  # the client went away before the first token: stop the replica
+            _stop(chunks)
+            raise
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = _sse(first, chunks, CompletionStream(request_id, config.name, include_usage), trace)
@@ -234,5 +244,7 @@ class Router:
             trace.status = "cancelled"
             _finish(trace)
             raise
+        finally:
+            _stop(chunks)  # no-op once the stream ended; stops generation when the client went away
         _finish(trace)  # errors are reported by the error handlers, with their status
         return completion

@@ -92,7 +92,7 @@ def sample(logits: torch.Tensor, params: BatchParams, generators: Sequence[torch
     greedy_tokens = logits.argmax(dim=-1)
     if params.greedy:
         return torch.stack([greedy_tokens, failed.long()], dim=1)
-    scaled = (logits / params.temperature).clamp(min=-_FLOAT_MAX)
+    scaled = (logits / params.temperature).clamp(max=_FLOAT_MAX)  # -inf stays masked; +inf would be NaN
     scaled = _top_k_top_p(scaled, params)
     probs = torch.softmax(scaled, dim=-1).nan_to_num(0.0)
     noise = torch.empty_like(probs).exponential_(generator=shared)

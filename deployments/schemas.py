@@ -5,15 +5,16 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.errors import UnsupportedParameterError
 from deployments.types import FinishReason, Usage
 
 
 class _Strict(BaseModel):
-    # Unknown fields are refused (400), never silently ignored.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are refused (400), never silently ignored; types are not coerced (`false` is not
+    # a number, `0.0` not a boolean, `"5"` not an integer).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(_Strict):
@@ -72,7 +73,7 @@ _UNSUPPORTED = {
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = Field(default=None, description="A served name or alias (instruct / thinking).")
     messages: list[Message] = Field(min_length=1)
@@ -86,7 +87,7 @@ class ChatCompletionRequest(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="64-bit seed (signed or unsigned).")
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1)
     min_tokens: int = Field(default=0, ge=0, description="Suppress end-of-sequence for this many tokens.")
@@ -94,6 +95,16 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: object) -> object:
+        """Refuse lone UTF-16 surrogates (JSON escapes like \\ud800) anywhere, keys included: they are not
+        text, cannot be encoded for the tokenizer, and would break any response that echoed them."""
+        where = _surrogate_path(data, "")
+        if where is not None:
+            raise ValueError(f"{where or 'body'} contains a lone UTF-16 surrogate, which is not valid text")
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -122,6 +133,25 @@ class ChatCompletionRequest(BaseModel):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+def _surrogate_path(value: object, path: str) -> str | None:
+    """The path of the first string (or key) in `value` holding a lone surrogate, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        child = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and _surrogate_path(key, child) is not None:
+            return path or "body"
+        found = _surrogate_path(item, child)
+        if found is not None:
+            return found
+    return None
 
 
 class ModelCard(BaseModel):
@@ -187,19 +217,3 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: UsageInfo
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    code: str | None = None
-    param: str | None = None
-    request_id: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-    @classmethod
-    def of(cls, message: str, type_: str, code: str | None, param: str | None, request_id: str | None) -> ErrorResponse:
-        return cls(error=ErrorBody(message=message, type=type_, code=code, param=param, request_id=request_id))

@@ -48,6 +48,7 @@ class SlotCache:
                     max_rows, config.linear_num_value_heads, config.linear_key_head_dim,
                     config.linear_value_head_dim, dtype=torch.float32, device=device)
         self._positions: torch.Tensor | None = None
+        self._slots: torch.Tensor | None = None
 
     # ---- what the engine calls ----
 
@@ -95,6 +96,7 @@ class SlotCache:
         positions = self.lengths[:rows]
         self.ensure_capacity(int(positions.max()) + 1)
         self._positions = positions
+        self._slots = torch.arange(rows, device=positions.device)
         self._columns = int(positions.max()) + 1
         mask = None
         if int(positions.min()) != self._columns - 1:
@@ -108,10 +110,9 @@ class SlotCache:
     # ---- the Cache interface the text tower uses while decoding one token ----
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        slots = torch.arange(self.rows, device=key_states.device)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys[slots, :, self._positions] = key_states[:, :, 0]
-        values[slots, :, self._positions] = value_states[:, :, 0]
+        keys[self._slots, :, self._positions] = key_states[:, :, 0]
+        values[self._slots, :, self._positions] = value_states[:, :, 0]
         return keys[: self.rows, :, : self._columns], values[: self.rows, :, : self._columns]
 
     def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor:

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 FinishReason = Literal["stop", "length", "cancelled"]
+Variant = Literal["instruct", "thinking"]
 
 
 @dataclass

@@ -22,8 +22,13 @@ from deployments.types import Video
 VIDEO_SIGNATURES = {"mp4/mov": (4, b"ftyp"), "webm/mkv": (0, b"\x1a\x45\xdf\xa3"), "avi": (8, b"AVI ")}
 
 
-def decode_video(data: bytes, fps: float, max_frames: int, max_duration_s: float) -> Video:
-    """Decode with decord, sampling frames at `fps` (at most `max_frames`, spread evenly)."""
+def decode_video(data: bytes, fps: float, max_frames: int, max_duration_s: float,
+                 max_frame_pixels: int = 1920 * 1080, max_decoded_bytes: int = 128 * 1024 * 1024) -> Video:
+    """Decode with decord, sampling frames at `fps` (at most `max_frames`, spread evenly).
+
+    Frames are decoded downscaled when they are over `max_frame_pixels`, or when all sampled frames
+    together would be over `max_decoded_bytes` (a small file can hold huge frames).
+    """
     if not any(data[offset:offset + len(magic)] == magic for offset, magic in VIDEO_SIGNATURES.values()):
         raise MediaError("Unsupported video format: use MP4, MOV, WebM, MKV or AVI")
     try:
@@ -37,8 +42,14 @@ def decode_video(data: bytes, fps: float, max_frames: int, max_duration_s: float
             raise MediaError(f"The video is {duration:.1f} s long; the limit is {max_duration_s:g} s")
         count = max(1, min(max_frames, math.ceil(duration * fps), total))
         indices = np.linspace(0, total - 1, count).round().astype(int).tolist()
+        height, width = reader[0].shape[:2]
+        pixels = min(max_frame_pixels, max_decoded_bytes // (3 * count))
+        if width * height > pixels:
+            scale = math.sqrt(pixels / (width * height))
+            width, height = max(2, int(width * scale) // 2 * 2), max(2, int(height * scale) // 2 * 2)
+            reader = decord.VideoReader(io.BytesIO(data), num_threads=1, width=width, height=height)
         frames = reader.get_batch(indices).asnumpy()
-    except (RuntimeError, decord.DECORDError):  # decord raises both for broken input
+    except (RuntimeError, ValueError, IndexError, decord.DECORDError):  # decord's errors for broken input
         raise MediaError("The video could not be decoded: the file is corrupt or truncated") from None
     return Video(frames=frames, fps=source_fps, duration=duration, frame_indices=indices, total_num_frames=total)
 
@@ -56,11 +67,13 @@ class VideoDecoder:
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
-    def decode(self, data: bytes, fps: float, max_frames: int, max_duration_s: float) -> Video:
+    def decode(self, data: bytes, fps: float, max_frames: int, max_duration_s: float,
+               max_frame_pixels: int = 1920 * 1080, max_decoded_bytes: int = 128 * 1024 * 1024) -> Video:
         """Blocking; call from a thread. Raises MediaError, also when the worker crashed."""
         pool = self._current_pool()
         try:
-            return pool.submit(decode_video, data, fps, max_frames, max_duration_s).result()
+            return pool.submit(decode_video, data, fps, max_frames, max_duration_s, max_frame_pixels,
+                               max_decoded_bytes).result()
         except BrokenProcessPool:
             self._replace(pool)
             raise MediaError("The video could not be decoded: the decoder crashed on this file") from None

@@ -14,7 +14,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import (
@@ -28,10 +27,10 @@ from transformers import (
 
 from deployments.errors import CheckpointError
 from deployments.presets.tokenizer import train_tokenizer
+from deployments.types import Variant
 
 logger = logging.getLogger("ray.serve")
 
-Variant = Literal["instruct", "thinking"]
 PRESET_PREFIX = "preset:"
 # Bump when a preset's recipe changes, so caches built by older code are not reused.
 RECIPE_VERSION = 1

@@ -14,6 +14,7 @@ FULL_APP = "minicpm"
 SINGLE_APP = "single"
 SECURE_APP = "secure"
 SECURE_KEY = "test-key-123"
+FUZZ_APP = "fuzz"
 
 
 def _free_ports(count: int) -> list[int]:
@@ -65,7 +66,8 @@ def serve_url(tiny_checkpoints, media_dir: Path, metrics_port: int) -> Iterator[
 
     At /: both variants; local paths under `media_dir` allowed; remote fetching on (so the
     private-address guard is what refuses loopback URLs). At /single: instruct only, default
-    media settings (remote fetching and local paths off). At /secure: instruct only, API key on.
+    media settings (remote fetching and local paths off). At /secure: instruct only, API key on,
+    bodies capped at 1 MiB. At /fuzz: instruct only, at most 4 tokens per request (for the schema fuzzer).
     """
     import ray
     from ray import serve
@@ -82,9 +84,13 @@ def serve_url(tiny_checkpoints, media_dir: Path, metrics_port: int) -> Iterator[
     serve.run(build_app(AppArgs.model_validate(app_args(router=router))), name=FULL_APP, route_prefix="/")
     serve.run(build_app(AppArgs.model_validate(app_args(thinking=None))), name=SINGLE_APP, route_prefix="/single")
     secure_router = {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
-                     "api_key": SECURE_KEY}
+                     "api_key": SECURE_KEY, "max_body_bytes": 1024 * 1024}
     serve.run(build_app(AppArgs.model_validate(app_args(thinking=None, router=secure_router))), name=SECURE_APP,
               route_prefix="/secure")
+    fuzz_router = {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+                   "max_tokens_cap": 4, "default_max_tokens": 4}
+    serve.run(build_app(AppArgs.model_validate(app_args(thinking=None, router=fuzz_router))), name=FUZZ_APP,
+              route_prefix="/fuzz")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()

@@ -28,8 +28,15 @@ def test_right_key_answers_and_health_stays_open(client):
     assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] <= 3
 
 
+def test_with_a_key_the_schema_and_docs_need_it_too(client):
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        assert client.get(f"/secure{path}").status_code == 401, path
+    assert client.get("/secure/openapi.json", headers=KEY).json()["paths"]
+
+
 def test_apps_without_a_key_stay_open(client):
     assert client.get("/v1/models").status_code == 200
+    assert client.get("/openapi.json").status_code == 200
 
 
 def test_openai_sdk_sends_the_key(serve_url):

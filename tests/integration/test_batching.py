@@ -247,3 +247,33 @@ async def test_cancelling_a_row_that_joined_leaves_the_running_row_untouched(bat
     text, rows = await asyncio.gather(lead(batched, steady, started, done=lead_done), join_then_leave())
     assert rows[0] == 2 and rows[-1] == 1
     assert text == alone
+
+
+async def test_a_prompt_that_fails_in_a_prefill_group_fails_alone(batched, one_at_a_time):
+    """Requests prefilled together with one that cannot be: the group is retried one by one."""
+    good = [ask(["first good"], 10), ask(["second good"], 10)]
+    alone = [(await run(one_at_a_time, r))[0] for r in good]
+    prepared = batched.prepare(ask(["broken"], 5))
+    prepared.inputs["input_ids"][0, -1] = batched.model.config.get_text_config().vocab_size + 100  # no such token
+    broken = Row(prepared.inputs, RowSampling(), 5, prepared.eos_ids, asyncio.get_running_loop())
+
+    async def run_broken() -> None:
+        batched.core.submit(broken)
+        with pytest.raises(IndexError):
+            async for _ in broken:
+                pass
+
+    sizes_before = len(batched.core.batch_sizes)
+    together = await asyncio.gather(run_broken(), *(run(batched, r) for r in good))
+    assert batched.core.batch_sizes[sizes_before] == 3, "all three were prefilled as one group first"
+    assert [text for text, _ in together[1:]] == alone
+
+
+async def test_rows_with_extreme_sampling_values_leave_their_batch_mates_unchanged(batched, one_at_a_time):
+    normal = [ask([f"normal {i}"], 15) for i in range(3)]
+    alone = [(await run(one_at_a_time, r))[0] for r in normal]
+    hostile = [ask(["hostile"], 15, temperature=t, top_p=p, top_k=k, repetition_penalty=r, seed=s)
+               for t, p, k, r, s in ((1e-30, 1e-30, 10**9, 1e-30, 2**64 - 1), (2.0, 1.0, 0, 1e-30, -(2**63)))]
+    results = await asyncio.gather(*(run(batched, r) for r in [*hostile, *normal]))
+    assert [chunks[-1].usage.completion_tokens for _, chunks in results[:2]] == [15, 15]
+    assert [text for text, _ in results[2:]] == alone

@@ -102,6 +102,7 @@ def test_attached_image_is_previewed_and_sent(page, tmp_path):
     image = tmp_path / "red.png"
     Image.new("RGB", (64, 48), "red").save(image)
     page.set_input_files("#attach", str(image))
+    page.wait_for_selector("#attachments img.thumb")  # the page reads the file asynchronously
     assert page.locator("#attachments img.thumb").count() == 1
     send(page, "what colour is this?", max_tokens=8)
     wait_done(page)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,9 @@ def test_router_accepts_many_streams_unless_told_otherwise():
     assert RouterArgs().serve_options()["max_ongoing_requests"] == 256
     assert RouterArgs.model_validate({"deployment": {"max_ongoing_requests": 9}}).serve_options()[
         "max_ongoing_requests"] == 9
+
+
+def test_the_router_side_of_the_app_imports_neither_torch_nor_transformers():
+    code = ("import sys, serve_app, deployments.router; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -111,4 +111,4 @@ def test_extreme_but_valid_parameters_never_fail_a_row_with_finite_logits(rows, 
     seen = torch.rand(len(rows), VOCAB) < 0.5
     tokens, failed = draw(logits, rows, seen=seen)
     assert failed == [0] * len(rows)
-    assert all(0 <= t < VOCAB for t in tokens)
+    assert all(0 <= t < VOCAB and logits[i, t] > -math.inf for i, t in enumerate(tokens)), "a masked token won"
