@@ -57,6 +57,12 @@ class ModelSettings(BaseModel):
         "prefilled together up to this many (padded) tokens; a longer prompt is prefilled in chunks of this size, "
         "and the running requests decode one step between chunks, so a long prompt never stalls them for long.",
     )
+    stream_interval_ms: float = Field(
+        default=0.0, ge=0, le=1000,
+        description="Least time between two chunks of one stream; tokens generated meanwhile go out together "
+        "in the next chunk. 0: every token as soon as it is ready. Each chunk costs CPU in the router and the "
+        "proxy (a few ms on a small CPU), so a fast model serving many streams gains throughput from 20-50.",
+    )
     health_check_stall_s: float = Field(
         default=120.0, gt=0, description="A running batch with no decode step for this long fails health checks.",
     )

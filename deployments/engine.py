@@ -75,6 +75,7 @@ class Engine:
         row = Row(
             prepared.inputs, self._resolve_sampling(prepared.sampling), prepared.sampling.max_tokens, prepared.eos_ids,
             asyncio.get_running_loop(), request_id=request.request_id,
+            stream_interval_s=self.config.stream_interval_ms / 1000,
             deadline=time.monotonic() + self.config.max_generation_s if self.config.max_generation_s else None,
         )
         self.core.submit(row)

@@ -24,7 +24,8 @@ class Row:
     """A request being generated. Engine-thread side: `add`, `end`; event-loop side: iterate, `cancel`."""
 
     def __init__(self, inputs: dict, sampling: RowSampling, max_tokens: int, eos_ids: set[int],
-                 loop: asyncio.AbstractEventLoop, deadline: float | None = None, request_id: str = "") -> None:
+                 loop: asyncio.AbstractEventLoop, deadline: float | None = None, request_id: str = "",
+                 stream_interval_s: float = 0.0) -> None:
         self.inputs: dict | None = inputs  # the processor's output for this request alone; dropped once prefilled
         self.prompt_ids = inputs["input_ids"][0]
         self.prompt_len = int(self.prompt_ids.shape[0])
@@ -40,6 +41,8 @@ class Row:
         self._pending: list = []  # items for the consumer, handed over by `deliver`
         self._ended = False
         self._held: object | None = None
+        self._interval = stream_interval_s
+        self._last_item = 0.0
 
     @property
     def generated(self) -> int:
@@ -56,6 +59,8 @@ class Row:
         return self._stop.is_set()
 
     def __aiter__(self) -> Row:
+        """Items are lists of token ids; with a stream interval, at most one item per interval (the first at
+        once), each carrying every token that arrived meanwhile."""
         return self
 
     async def __anext__(self) -> list[int]:
@@ -65,6 +70,10 @@ class Row:
         ids: list[int] = []
         item = self._held if self._held is not None else await self._queue.get()
         self._held = None
+        wait = self._last_item + self._interval - time.monotonic()
+        if wait > 0 and item is not _END and not isinstance(item, BaseException):
+            await asyncio.sleep(wait)  # gather what else arrives: fewer, larger items
+        self._last_item = time.monotonic()
         while True:
             if (item is _END or isinstance(item, BaseException)) and ids:
                 self._held = item  # the tokens before the end (or error) first

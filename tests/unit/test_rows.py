@@ -82,3 +82,26 @@ def test_merge_inputs_left_pads_ids_and_packs_pixels():
     assert merged["input_ids"].tolist() == [[0, 1, 2], [3, 4, 5]]
     assert merged["attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]
     assert merged["pixel_values"].shape == (1, 3, 14, 12)
+
+
+async def test_a_stream_interval_gathers_the_tokens_that_arrive_meanwhile():
+    inputs = {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    r = Row(inputs, RowSampling(), 100, {0}, asyncio.get_running_loop(), stream_interval_s=0.2)
+    released = asyncio.Event()
+
+    async def engine() -> None:
+        for token in range(4, 14):
+            r.add(token)
+            deliver([r])
+            if token == 4:
+                await released.wait()
+            await asyncio.sleep(0.005)
+        r.end()
+
+    feeding = asyncio.create_task(engine())
+    stream = aiter(r)
+    assert await anext(stream) == [4], "the first item goes out at once"
+    released.set()
+    rest = [ids async for ids in stream]
+    await feeding
+    assert sum(rest, []) == list(range(5, 14)) and len(rest) < 9, f"later tokens come gathered: {rest}"
