@@ -107,12 +107,20 @@ class EngineCore:
 
     def _run(self) -> None:
         while True:
-            self._admit()
-            with torch.inference_mode():
-                if self._prefill or self._queued:
-                    self._prefill_step()
-                if self._rows:
-                    self._decode_step()
+            try:
+                self._admit()
+                with torch.inference_mode():
+                    if self._prefill or self._queued:
+                        self._prefill_step()
+                    if self._rows:
+                        self._decode_step()
+            except Exception as exc:  # a bug outside the guarded steps: fail what is in flight, keep serving
+                logger.error("Engine loop failed", exc_info=exc)
+                prefilling = self._prefill.rows if self._prefill else []
+                for row in [*self._rows, *self._queued, *prefilling]:
+                    row.end(exc)
+                self._rows, self._queued, self._prefill, self._params = [], deque(), None, None
+                self._on_rows(0)
 
     def _admit(self) -> None:
         """Move waiting requests to the prefill queue: when idle, block for one and wait
@@ -150,7 +158,13 @@ class EngineCore:
             return
         if prefill.done:
             self._prefill = None
-            self._join(prefill, logits)
+            try:
+                self._join(prefill, logits)
+            except Exception as exc:  # only the newcomers fail; the running rows go on
+                logger.error("Joining %d prefilled requests failed", len(prefill.rows), exc_info=exc)
+                for row in prefill.rows:
+                    row.end(exc)
+                self._drop_finished()  # those already given a slot leave it
 
     def _start_prefill(self) -> _Prefill | None:
         """A group from the front of the queue whose padded prompts fit the token budget (at least one)."""
