@@ -162,8 +162,8 @@ class MediaConfig(BaseModel):
         "downscaled to fit (the processor resizes frames to far fewer pixels anyway).",
     )
     max_video_decoded_bytes: int = Field(
-        default=128 * MiB, gt=0, description="Bytes of decoded RGB frames from one video; more frames or larger "
-        "frames than fit are decoded downscaled to fit.",
+        default=128 * MiB, gt=0, description="Bytes of decoded RGB frames of all videos in one request (shared "
+        "equally between them); frames that would not fit are decoded downscaled to fit.",
     )
     video_fps: float = Field(default=2.0, gt=0, description="Frames sampled per second of video by default.")
     video_fps_cap: float = Field(default=8.0, gt=0, description="Highest fps a request may ask for.")

@@ -49,16 +49,18 @@ class MediaLoader:
         self._decode_seconds = decode_seconds
         self._videos = VideoDecoder(config.max_concurrent_decodes)
 
-    async def load(self, part: ImagePart | VideoPart) -> Image.Image | Video:
-        """Fetch and decode one part. Raises MediaError / MediaRefusedError / PayloadTooLargeError."""
+    async def load(self, part: ImagePart | VideoPart, videos_in_request: int = 1) -> Image.Image | Video:
+        """Fetch and decode one part. Raises MediaError / MediaRefusedError / PayloadTooLargeError.
+
+        The request's videos share `max_video_decoded_bytes` equally (`videos_in_request` of them)."""
         started = time.perf_counter()
-        result = await self._load(part)
+        result = await self._load(part, max(1, videos_in_request))
         if self._decode_seconds is not None:
             kind = "image" if isinstance(part, ImagePart) else "video"
             self._decode_seconds.observe(time.perf_counter() - started, tags={"kind": kind})
         return result
 
-    async def _load(self, part: ImagePart | VideoPart) -> Image.Image | Video:
+    async def _load(self, part: ImagePart | VideoPart, videos_in_request: int) -> Image.Image | Video:
         if isinstance(part, ImagePart):
             data = await self._read(part.image_url.url, "image", self.config.max_image_bytes)
             async with self._decoding:
@@ -68,7 +70,8 @@ class MediaLoader:
         max_frames = min(part.video_url.max_frames or self.config.max_video_frames, self.config.max_video_frames)
         async with self._decoding:
             return await asyncio.to_thread(self._videos.decode, data, fps, max_frames, self.config.max_video_duration_s,
-                                           self.config.max_video_frame_pixels, self.config.max_video_decoded_bytes)
+                                           self.config.max_video_frame_pixels,
+                                           self.config.max_video_decoded_bytes // videos_in_request)
 
     async def _read(self, url: str, kind: str, max_bytes: int) -> bytes:
         scheme = _split(url, kind).scheme.lower()

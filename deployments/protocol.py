@@ -5,6 +5,7 @@ Pure functions over the schemas and types: the router calls them, tests call the
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,8 +27,9 @@ from deployments.schemas import (
 )
 from deployments.types import ChatMessage, Chunk, ContentPart, GenerationRequest, SamplingParams
 
-# Fetches and decodes the media of one image_url / video_url part.
-MediaLoader = Callable[[ImagePart | VideoPart], Awaitable[ContentPart]]
+# Fetches and decodes the media of one image_url / video_url part; takes `videos_in_request=` (the
+# request's videos share one decoded-bytes budget).
+MediaLoader = Callable[..., Awaitable[ContentPart]]
 
 
 def choose_variant(request: ChatCompletionRequest, variants: dict[str, ModelConfig]) -> tuple[ModelConfig, bool]:
@@ -77,9 +79,10 @@ async def to_generation_request(
         raise BadRequestError(f"max_tokens is {request.requested_max_tokens}; this server allows at most "
                               f"{limits.max_tokens_cap}", param="max_tokens")
     _check_content_size(request, limits)
-    _check_media_counts(request, limits.media)
+    videos = _check_media_counts(request, limits.media)
+    load = functools.partial(load_media, videos_in_request=videos) if videos else load_media
     messages = [
-        ChatMessage(role="system" if m.role == "developer" else m.role, content=await _content(m.content, load_media))
+        ChatMessage(role="system" if m.role == "developer" else m.role, content=await _content(m.content, load))
         for m in request.messages
     ]
     if messages[-1].role == "assistant":
@@ -109,13 +112,15 @@ def _check_content_size(request: ChatCompletionRequest, limits: RouterArgs) -> N
                               param="messages")
 
 
-def _check_media_counts(request: ChatCompletionRequest, limits: MediaConfig) -> None:
+def _check_media_counts(request: ChatCompletionRequest, limits: MediaConfig) -> int:
+    """Raise for too many images or videos; the number of videos."""
     parts = [p for m in request.messages if isinstance(m.content, list) for p in m.content]
     for kind, part_type, limit in (("images", ImagePart, limits.max_images_per_request),
                                    ("videos", VideoPart, limits.max_videos_per_request)):
         count = sum(isinstance(p, part_type) for p in parts)
         if count > limit:
             raise BadRequestError(f"The request has {count} {kind}; the limit is {limit}", param="messages")
+    return sum(isinstance(p, VideoPart) for p in parts)
 
 
 async def _content(content, load_media: MediaLoader) -> list[ContentPart]:

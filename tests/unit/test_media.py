@@ -205,6 +205,18 @@ def test_decode_image_beyond_pillows_own_bomb_cap_names_the_pixel_limit():
 # ---- decode_video ----
 
 
+def test_video_frames_over_the_pixel_or_byte_budget_are_decoded_downscaled():
+    data = video_bytes("mp4", frames=20, size=(640, 480))
+    full = decode_video(data, fps=10.0, max_frames=20, max_duration_s=600)
+    assert full.frames.shape[1:3] == (480, 640)
+    small_frames = decode_video(data, fps=10.0, max_frames=20, max_duration_s=600, max_frame_pixels=160 * 120)
+    assert small_frames.frames.shape[1] * small_frames.frames.shape[2] <= 160 * 120
+    budget = full.frames.nbytes // 5
+    few_bytes = decode_video(data, fps=10.0, max_frames=20, max_duration_s=600, max_decoded_bytes=budget)
+    assert few_bytes.frames.nbytes <= budget and len(few_bytes.frames) == len(full.frames)
+    assert few_bytes.frames[:, :, :, 0].mean() > 0, "still the video's own frames"
+
+
 @pytest.mark.parametrize("container", list(VIDEO_FORMATS))
 def test_decode_video_samples_at_the_requested_fps_spread_evenly(container):
     require_encoder(container)
@@ -521,3 +533,14 @@ def test_transparency_by_colour_key_is_composited_on_white():
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", transparency=(10, 20, 30))
     assert decode_image(buffer.getvalue(), 10_000).getpixel((0, 0)) == (255, 255, 255)
+
+
+async def test_the_videos_of_one_request_share_the_decoded_bytes_budget():
+    budget = 2 * MiB
+    config = LOCAL.model_copy(update={"max_video_decoded_bytes": budget})
+    url = data_url(video_bytes("mp4", frames=20, size=(640, 480)), "video/mp4")
+    part = VideoPart.model_validate({"type": "video_url", "video_url": {"url": url, "fps": 10}})
+    alone = await MediaLoader(config).load(part)
+    shared = await MediaLoader(config).load(part, videos_in_request=2)
+    assert alone.frames.nbytes <= budget and shared.frames.nbytes <= budget // 2
+    assert len(shared.frames) == len(alone.frames) > 1, "downscaled, not fewer frames"
