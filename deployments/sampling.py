@@ -63,7 +63,7 @@ class BatchParams:
         self.temperature = torch.tensor([max(r.temperature, MIN_TEMPERATURE) if not r.greedy else 1.0 for r in rows],
                                         dtype=torch.float32, device=device)[:, None]
         self.sampled = torch.tensor([not r.greedy for r in rows], device=device)
-        self.top_k = torch.tensor([r.top_k if not r.greedy else 0 for r in rows], device=device)
+        self.top_k = torch.tensor([min(r.top_k, 2**31 - 1) if not r.greedy else 0 for r in rows], device=device)
         self.top_p = torch.tensor([r.top_p if not r.greedy else 1.0 for r in rows], dtype=torch.float32,
                                   device=device)[:, None]
         self.use_top_k = bool((self.top_k > 0).any())

@@ -11,6 +11,9 @@ from deployments.errors import UnsupportedParameterError
 from deployments.types import FinishReason, Usage
 
 
+MAX_STOP_CHARS = 1000
+
+
 class _Strict(BaseModel):
     # Unknown fields are refused (400), never silently ignored; types are not coerced (`false` is not
     # a number, `0.0` not a boolean, `"5"` not an integer).
@@ -83,7 +86,8 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0, description="0 = off (vLLM extension).")
+    top_k: int | None = Field(default=None, ge=0, le=2**31 - 1,
+                              description="0 = off (vLLM extension); values past the vocabulary mean all of it.")
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -112,6 +116,9 @@ class ChatCompletionRequest(BaseModel):
         stops = [value] if isinstance(value, str) else list(value or [])
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
+        if any(len(stop) > MAX_STOP_CHARS for stop in stops):
+            # Each generated token is matched against every stop string's prefixes.
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
         return stops
 
     def check_supported(self) -> None:

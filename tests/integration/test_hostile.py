@@ -65,6 +65,12 @@ def test_seeds_outside_64_bits_are_a_400_naming_seed(client, seed):
     refused(client.post(CHAT, json=ask("hi", seed=seed)), 400, param="seed")
 
 
+@pytest.mark.parametrize("field, value", [("top_k", 2**63), ("top_k", 10**30), ("stop", ["x" * 1001]),
+                                          ("temperature", 2.5), ("top_p", 0), ("repetition_penalty", 0)])
+def test_sampling_values_out_of_range_are_400s_naming_the_field(client, field, value):
+    refused(client.post(CHAT, json=ask("hi", **{field: value})), 400, param=field)
+
+
 @pytest.mark.parametrize("sampling", [
     {"temperature": 1e-30}, {"temperature": 2.0, "top_p": 1e-30}, {"temperature": 1e-6, "top_k": 10**9},
     {"repetition_penalty": 1e-30, "temperature": 2.0}, {"seed": 2**64 - 1, "temperature": 2.0},
