@@ -26,16 +26,12 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import DynamicCache
 
-from deployments.errors import ServiceError
+from deployments.errors import NumericalError
 from deployments.rows import Row, deliver, merge_inputs
 from deployments.sampling import BatchParams, sample
 from deployments.slots import SlotCache
 
 logger = logging.getLogger("ray.serve")
-
-
-class NumericalError(ServiceError):
-    """A row's logits held NaN or no finite value (a numerical failure of the model)."""
 
 
 class _Prefill:

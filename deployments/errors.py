@@ -68,6 +68,11 @@ class OverloadedError(ServiceError):
     retry_after = 1
 
 
+class NumericalError(ServiceError):
+    """A row's logits held NaN or no finite value: a numerical failure of the model (a 500, as no
+    valid request value can cause it)."""
+
+
 def error_body(error: ServiceError, request_id: str | None) -> dict:
     """The OpenAI error shape for `error`, the one place every error response (JSON, SSE event, middleware)
     is built. An unexpected error (a bare ServiceError) says only that it happened, with the request id."""

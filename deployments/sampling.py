@@ -7,8 +7,8 @@ the same tokens whoever it shares the batch with. Rows are sampled with the expo
 its own generator while the rest of the work stays batched.
 
 Isolation: nothing one row's values do can fail another row. Logits are computed in float32 and
-overflow is clamped; a row whose logits hold NaN or no finite value is reported as failed (`Draws.failed`)
-and sampled as a dummy token, while the others are sampled normally.
+overflow is clamped; a row whose logits hold NaN or no finite value is reported as failed (the second
+column of `sample`'s result) and sampled as a dummy token, while the others are sampled normally.
 """
 
 from __future__ import annotations
@@ -47,12 +47,6 @@ class RowSampling:
         generator = torch.Generator(device=device)
         generator.manual_seed(self.seed)
         return generator
-
-
-@dataclass
-class Draws:
-    tokens: list[int]
-    failed: list[bool]  # the row's logits had no finite value: it must end with an error
 
 
 class BatchParams:
@@ -114,9 +108,9 @@ def _top_k_top_p(logits: torch.Tensor, params: BatchParams) -> torch.Tensor:
     if params.use_top_k:
         keep = torch.where(params.top_k > 0, params.top_k.clamp(max=vocab), keep)
     if params.use_top_p:
-        cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
+        probs = torch.softmax(ordered, dim=-1)
         # Tokens before the one that reaches top_p are kept, that one included (at least one).
-        within = (cumulative - torch.softmax(ordered, dim=-1) < params.top_p).sum(dim=-1).clamp(min=1)
+        within = (probs.cumsum(dim=-1) - probs < params.top_p).sum(dim=-1).clamp(min=1)
         keep = torch.minimum(keep, within)
     threshold = ordered.gather(1, (keep - 1)[:, None])
     return logits.masked_fill(logits < threshold, -torch.inf)
