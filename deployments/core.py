@@ -34,14 +34,23 @@ from deployments.slots import SlotCache
 logger = logging.getLogger("ray.serve")
 
 
+# The rows of one request: its n sequences share one prompt, prefilled once (the first row holds the inputs).
+Family = list[Row]
+
+
 class _Prefill:
     """The prompt forward of a group of newcomers, run chunk by chunk into a fresh DynamicCache."""
 
-    def __init__(self, rows: list[Row], embeds: torch.Tensor, mask: torch.Tensor, chunk: int, config) -> None:
-        self.rows, self.embeds, self.mask, self.chunk = rows, embeds, mask, chunk
+    def __init__(self, families: list[Family], embeds: torch.Tensor, mask: torch.Tensor, chunk: int,
+                 config) -> None:
+        self.families, self.embeds, self.mask, self.chunk = families, embeds, mask, chunk
         self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self.cache = DynamicCache(config=config)
         self.offset = 0
+
+    @property
+    def rows(self) -> list[Row]:
+        return [row for family in self.families for row in family]
 
     @property
     def done(self) -> bool:
@@ -65,11 +74,11 @@ class EngineCore:
         self._next_ids = torch.zeros(max_rows, dtype=torch.long, device=self.device)
         self._seen: torch.Tensor | None = None  # (max_rows, vocab) ids the repetition penalty applies to
         self._params: BatchParams | None = None  # of the running rows; None when they changed
-        self._eos: torch.Tensor | None = None  # the running rows' end-of-sequence ids
+        self._eos: torch.Tensor | None = None  # the running rows' end-of-sequence (and stop) ids
         self._shared_generator = torch.Generator(device=self.device)
         self._shared_generator.seed()
-        self._waiting: queue.Queue[Row] = queue.Queue()
-        self._queued: deque[Row] = deque()  # admitted, not yet prefilled
+        self._waiting: queue.Queue[Family] = queue.Queue()
+        self._queued: deque[Family] = deque()  # admitted, not yet prefilled
         self._prefill: _Prefill | None = None
         self.batch_sizes: list[int] = []  # rows in the batch after each admission (last 100)
         self.last_progress = time.monotonic()
@@ -78,14 +87,22 @@ class EngineCore:
 
     # ---- called from the event loop ----
 
-    def submit(self, row: Row) -> None:
-        self._waiting.put(row)
+    def submit(self, rows: Family) -> None:
+        """Queue one request's rows (its n sequences share the prompt of the first); at most `max_rows`."""
+        if not 0 < len(rows) <= self.max_rows:
+            raise ValueError(f"A request may have 1 to {self.max_rows} sequences, not {len(rows)}")
+        self._waiting.put(rows)
 
     @property
     def running(self) -> int:
         """Rows being generated, prefilled or waiting (cancelled rows drop out within one step)."""
+        with self._waiting.mutex:
+            waiting = sum(len(family) for family in self._waiting.queue)
+        return sum(not r.finished for r in self._in_flight()) + waiting
+
+    def _in_flight(self) -> list[Row]:
         prefilling = self._prefill.rows if self._prefill else []
-        return sum(not r.finished for r in [*self._rows, *self._queued, *prefilling]) + self._waiting.qsize()
+        return [*self._rows, *(r for family in list(self._queued) for r in family), *prefilling]
 
     @property
     def rows_in_batch(self) -> int:
@@ -112,31 +129,29 @@ class EngineCore:
                         self._decode_step()
             except Exception as exc:  # a bug outside the guarded steps: fail what is in flight, keep serving
                 logger.error("Engine loop failed", exc_info=exc)
-                prefilling = self._prefill.rows if self._prefill else []
-                for row in [*self._rows, *self._queued, *prefilling]:
+                for row in self._in_flight():
                     row.end(exc)
                 self._rows, self._queued, self._prefill, self._params = [], deque(), None, None
                 self._on_rows(0)
 
     def _admit(self) -> None:
-        """Move waiting requests to the prefill queue: when idle, block for one and wait
-        `batch_wait_s` for more; while busy (continuous mode), whatever waits, up to free rows."""
+        """Move waiting requests to the prefill queue: when idle, block for one and wait `batch_wait_s`
+        for more; while busy (continuous mode), whatever waits. Cancelled requests leave here."""
         busy = bool(self._rows or self._queued or self._prefill)
         if busy and not self.continuous:
             return
-        room = self.max_rows - len(self._rows) - len(self._queued) - (len(self._prefill.rows) if self._prefill else 0)
         taken = [] if busy else [self._waiting.get()]
         deadline = time.monotonic() + (0.0 if busy else self._wait_s)
-        while len(taken) < room:
+        while True:
             try:
                 taken.append(self._waiting.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
-        for row in taken:
-            if row.cancelled:
+        self._queued.extend(taken)
+        for family in [f for f in self._queued if all(r.cancelled for r in f)]:
+            self._queued.remove(family)
+            for row in family:
                 row.end()
-            else:
-                self._queued.append(row)
         self._mark_progress()
 
     def _prefill_step(self) -> None:
@@ -150,7 +165,7 @@ class EngineCore:
             logits = self._prefill_chunk(prefill)
         except Exception as exc:
             self._prefill = None
-            self._prefill_failed(prefill.rows, exc)
+            self._prefill_failed(prefill.families, exc)
             return
         if prefill.done:
             self._prefill = None
@@ -163,27 +178,35 @@ class EngineCore:
                 self._drop_finished()  # those already given a slot leave it
 
     def _start_prefill(self) -> _Prefill | None:
-        """A group from the front of the queue whose padded prompts fit the token budget (at least one)."""
-        while self._queued and self._queued[0].cancelled:
-            self._queued.popleft().end()
-        if not self._queued:
+        """A group from the front of the queue that fits the free slots and whose padded prompts fit
+        the token budget (at least one request, when its rows fit)."""
+        free = self.max_rows - len(self._rows)
+        if not self._queued or len(self._queued[0]) > free:
             return None
         group = [self._queued.popleft()]
-        while (self._queued and not group[0].alone and not self._queued[0].alone
-               and (len(group) + 1) * max(r.prompt_len for r in [*group, self._queued[0]]) <= self._prefill_tokens):
+        while self._queued and self._groups_with(group, self._queued[0], free):
             group.append(self._queued.popleft())
-        self.batch_sizes = [*self.batch_sizes[-99:], len(self._rows) + len(group)]
+        leads = [family[0] for family in group]
+        self.batch_sizes = [*self.batch_sizes[-99:], len(self._rows) + sum(len(f) for f in group)]
         try:
-            inputs = merge_inputs([r.inputs for r in group], self._pad)
-            embeds = self._embed(inputs)
+            inputs = merge_inputs([r.inputs for r in leads], self._pad)
+            embeds = self._embed(inputs, leads[0].downsample_mode)
         except Exception as exc:
             self._prefill_failed(group, exc)
             return None
-        for row in group:
-            row.inputs = None  # the images live on in the embeddings, then only in the cache
+        for family in group:
+            for row in family:
+                row.inputs = None  # the images live on in the embeddings, then only in the cache
         return _Prefill(group, embeds, inputs["attention_mask"], self._prefill_tokens, self.text_config)
 
-    def _embed(self, inputs: dict) -> torch.Tensor:
+    def _groups_with(self, group: list[Family], family: Family, free: int) -> bool:
+        """Whether `family` may join the prefill group: rows fit, padded tokens fit, same vision options."""
+        leads = [f[0] for f in group] + [family[0]]
+        return (sum(len(f) for f in group) + len(family) <= free and not any(r.alone for r in leads)
+                and len(leads) * max(r.prompt_len for r in leads) <= self._prefill_tokens
+                and len({r.downsample_mode for r in leads}) == 1)
+
+    def _embed(self, inputs: dict, downsample_mode: str | None = None) -> torch.Tensor:
         """Token embeddings with the vision tower's features scattered into the image/video placeholders,
         as MiniCPM-V 4.6's own forward does."""
         inner = self.model.model
@@ -194,7 +217,7 @@ class EngineCore:
             ("pixel_values_videos", "target_sizes_videos", inner.get_video_features, self.model.config.video_token_id),
         ):
             if pixels in inputs:
-                output = features(inputs[pixels][:1], inputs[sizes])
+                output = features(inputs[pixels][:1], inputs[sizes], downsample_mode=downsample_mode)
                 values = torch.cat(output.pooler_output, dim=0).to(embeds.device, embeds.dtype)
                 embeds = embeds.masked_scatter(inner.get_placeholder_mask(ids, embeds, values, token_id), values)
         return embeds
@@ -203,7 +226,7 @@ class EngineCore:
         """Forward the next chunk of the group's prompts; the logits of its last position (rows, vocab)."""
         self._mark_progress()
         start = prefill.offset
-        end = min(start + max(1, prefill.chunk // len(prefill.rows)), prefill.embeds.shape[1])
+        end = min(start + max(1, prefill.chunk // len(prefill.families)), prefill.embeds.shape[1])
         hidden = self.text(
             inputs_embeds=prefill.embeds[:, start:end], attention_mask=prefill.mask[:, :end],
             position_ids=prefill.positions[:, start:end], cache=prefill.cache, use_cache=True,
@@ -211,28 +234,34 @@ class EngineCore:
         prefill.offset = end
         return self.lm_head(hidden[:, -1])
 
-    def _prefill_failed(self, rows: list[Row], exc: Exception) -> None:
+    def _prefill_failed(self, group: list[Family], exc: Exception) -> None:
         """A group that failed is retried one prompt at a time, so only the culprit fails."""
-        if len(rows) > 1:
-            logger.warning("Prefill of %d requests together failed (%s); retrying each alone", len(rows),
+        if len(group) > 1:
+            logger.warning("Prefill of %d requests together failed (%s); retrying each alone", len(group),
                            type(exc).__name__)
-            for row in reversed(rows):
-                row.alone = True
-                self._queued.appendleft(row)
+            for family in reversed(group):
+                family[0].alone = True
+                self._queued.appendleft(family)
             return
-        logger.error("Prefill failed for request %s", rows[0].request_id, exc_info=exc)
-        rows[0].end(exc)
+        logger.error("Prefill failed for request %s", group[0][0].request_id, exc_info=exc)
+        for row in group[0]:
+            row.end(exc)
 
     def _join(self, prefill: _Prefill, logits: torch.Tensor) -> None:
-        """Copy the prefilled rows into free slots and sample their first tokens."""
+        """Copy the prefilled rows into free slots (each of a request's n rows from its one prompt) and
+        sample their first tokens."""
         width = prefill.mask.shape[1]
         first = len(self._rows)
-        for i, row in enumerate(prefill.rows):
-            length = row.prompt_len
-            self.cache.load(first + i, prefill.cache, i, width - length, length)
-            self._rows.append(row)
+        for i, family in enumerate(prefill.families):
+            length = family[0].prompt_len
+            for row in family:
+                self.cache.load(len(self._rows), prefill.cache, i, width - length, length)
+                self._rows.append(row)
         self._on_rows(len(self._rows))
         self._params = None
+        sizes = [len(family) for family in prefill.families]
+        if max(sizes) > 1:
+            logits = logits.repeat_interleave(torch.tensor(sizes, device=logits.device), dim=0)
         self._sample_and_stream(logits, first)
 
     def _decode_step(self) -> None:
@@ -262,21 +291,20 @@ class EngineCore:
             if self._params.use_penalty:
                 self._ensure_seen(logits.shape[-1])
         params = self._params if first == 0 else BatchParams([r.sampling for r in rows], self.device)
+        eos = self._eos if first == 0 else self._eos_tensor(rows)
         if first > 0 and self._seen is not None:
             for slot, row in enumerate(rows, start=first):
                 self._seen[slot] = False
                 self._seen[slot, row.prompt_ids] = True
         seen = self._seen[first : first + len(rows)] if self._seen is not None else None
-        no_eos = [r.generated < r.sampling.min_tokens for r in rows]
-        draws = sample(
-            logits, params, [r.generator for r in rows], self._shared_generator, seen,
-            torch.tensor(no_eos, device=self.device) if any(no_eos) else None,
-            self._eos if first == 0 else self._eos_tensor(rows),
-        )
+        draws = sample(logits, params, [r.generator for r in rows], self._shared_generator, seen,
+                       self._blocked(rows, eos), eos)
         tokens = draws[:, 0]
         self._next_ids[first : first + len(rows)] = tokens
         if seen is not None:
             seen[torch.arange(len(rows), device=self.device), tokens] = True
+        if any(r.want_logprobs is not None for r in rows):
+            _record_logprobs(logits, tokens, rows)
         for row, (token, failed) in zip(rows, draws.tolist()):  # the one device-to-host copy
             if failed:
                 row.end(NumericalError("The model produced invalid (non-finite) scores for this request"))
@@ -288,6 +316,14 @@ class EngineCore:
     def _eos_tensor(self, rows: list[Row]) -> torch.Tensor:
         ids = sorted(set().union(*(r.eos_ids for r in rows)))
         return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def _blocked(self, rows: list[Row], eos: torch.Tensor) -> torch.Tensor | None:
+        """(rows, len(eos)): which of `eos` each row may not sample yet (its own end ids, under min_tokens)."""
+        early = [r.generated < r.sampling.min_tokens for r in rows]
+        if not any(early):
+            return None
+        ids = eos.tolist()
+        return torch.tensor([[e and i in r.eos_ids for i in ids] for r, e in zip(rows, early)], device=self.device)
 
     def _ensure_seen(self, vocab: int) -> None:
         if self._seen is None:
@@ -316,4 +352,21 @@ class EngineCore:
 
     def _mark_progress(self) -> None:
         self.last_progress = time.monotonic()
+
+
+# What a log-probability reads as when it underflows: JSON has no -Infinity (vLLM clamps the same way).
+MIN_LOGPROB = -9999.0
+
+
+def _record_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[Row]) -> None:
+    """Append each asking row's chosen-token log-probability and top alternatives, under the model's raw
+    distribution (before temperature, penalties and masks, as vLLM reports them by default)."""
+    index = [i for i, row in enumerate(rows) if row.want_logprobs is not None]
+    logprobs = torch.log_softmax(logits[index].float(), dim=-1).clamp(min=MIN_LOGPROB).nan_to_num(MIN_LOGPROB)
+    chosen = logprobs.gather(1, tokens[index, None])[:, 0].tolist()
+    k = max(rows[i].want_logprobs for i in index)
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    for j, (values, ids) in enumerate(zip(top_values.tolist(), top_ids.tolist())):
+        row = rows[index[j]]
+        row.logprobs.append((chosen[j], list(zip(ids, values))[: row.want_logprobs]))
 

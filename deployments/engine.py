@@ -10,6 +10,7 @@ cancelling the stream stops its row within one decode step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,11 +22,11 @@ from transformers.video_utils import VideoMetadata
 from deployments import checkpoint
 from deployments.config import ModelConfig
 from deployments.core import EngineCore
-from deployments.errors import ContextLengthError
+from deployments.errors import BadRequestError, ContextLengthError
 from deployments.rows import Row
 from deployments.sampling import RowSampling
 from deployments.textstream import THINK_CLOSE, THINK_OPEN, IncrementalDetokenizer, ReasoningSplitter, StopMatcher
-from deployments.types import ChatMessage, Chunk, GenerationRequest, SamplingParams, Usage, Video
+from deployments.types import ChatMessage, Chunk, GenerationRequest, SamplingParams, TokenLogprob, Usage, Video
 
 logger = logging.getLogger("ray.serve")
 HEALTH_PROBE_ID = "health-check"
@@ -67,34 +68,48 @@ class Engine:
         return self.core.running
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Yield text chunks as they are generated, then one final chunk with finish_reason and usage.
+        """Yield text chunks as they are generated, then one final chunk with finish_reason and usage;
+        with n > 1, the chunks of sequences 0..n-1 interleaved (each sequence ends with its final chunk).
 
-        Raises ContextLengthError before generating when the prompt plus max_tokens do not fit.
+        Raises ContextLengthError before generating when the prompt plus max_tokens do not fit, and
+        BadRequestError for sampling values this checkpoint cannot honour.
         """
         prepared = await asyncio.to_thread(self.prepare, request)
-        row = Row(
-            prepared.inputs, self._resolve_sampling(prepared.sampling), prepared.sampling.max_tokens, prepared.eos_ids,
-            asyncio.get_running_loop(), request_id=request.request_id,
-            stream_interval_s=self.config.stream_interval_ms / 1000,
-            deadline=time.monotonic() + self.config.max_generation_s if self.config.max_generation_s else None,
-        )
-        self.core.submit(row)
+        rows = [self._row(prepared, request, index) for index in range(prepared.sampling.n)]
+        self.core.submit(rows)
+        decoders = [self._decode(prepared, request.enable_thinking, row, index) for index, row in enumerate(rows)]
         try:
-            async for chunk in self._decode(prepared, request.enable_thinking, row):
+            async for chunk in decoders[0] if len(decoders) == 1 else merge_streams(decoders):
                 if chunk.usage:
-                    # The health probe runs every few seconds: keep it out of the INFO log.
-                    log = logger.debug if request.request_id == HEALTH_PROBE_ID else logger.info
-                    log("Request %s generated: finish_reason=%s prompt_tokens=%d completion_tokens=%d%s",
-                                request.request_id, chunk.finish_reason, chunk.usage.prompt_tokens,
-                                chunk.usage.completion_tokens,
-                                f" (cut at max_generation_s={self.config.max_generation_s:g})" if row.timed_out else "")
+                    self._log_end(request.request_id, chunk, rows[chunk.index])
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):
             logger.info("Request %s cancelled: generation stopped", request.request_id)
             raise
         finally:
             # Reached on normal end, on error, and when the consumer cancels or closes us.
-            row.cancel()
+            for row in rows:
+                row.cancel()
+
+    def _row(self, prepared: _Prepared, request: GenerationRequest, index: int) -> Row:
+        """The row of sequence `index`; the n sequences of a seeded request draw from seeds seed, seed+1, ..."""
+        sampling = self._resolve_sampling(prepared.sampling)
+        if sampling.seed is not None and index:
+            sampling = dataclasses.replace(sampling, seed=(sampling.seed + index) % 2**64)
+        return Row(
+            prepared.inputs, sampling, prepared.sampling.max_tokens, prepared.eos_ids, asyncio.get_running_loop(),
+            request_id=request.request_id, stream_interval_s=self.config.stream_interval_ms / 1000,
+            deadline=time.monotonic() + self.config.max_generation_s if self.config.max_generation_s else None,
+            logprobs=prepared.sampling.logprobs, downsample_mode=request.downsample_mode,
+        )
+
+    @staticmethod
+    def _log_end(request_id: str, chunk: Chunk, row: Row) -> None:
+        # The health probe runs every few seconds: keep it out of the INFO log.
+        log = logger.debug if request_id == HEALTH_PROBE_ID else logger.info
+        log("Request %s%s generated: finish_reason=%s prompt_tokens=%d completion_tokens=%d%s", request_id,
+            f" (sequence {chunk.index})" if chunk.index else "", chunk.finish_reason, chunk.usage.prompt_tokens,
+            chunk.usage.completion_tokens, " (cut at max_generation_s)" if row.timed_out else "")
 
     async def check_health(self) -> None:
         """Raise if this replica can no longer generate: its batch thread died or stalled, or,
@@ -114,6 +129,9 @@ class Engine:
         kwargs = {}
         if videos:
             kwargs["processor_kwargs"] = {"video_metadata": [_metadata(v) for v in videos], "do_sample_frames": False}
+        if request.downsample_mode:
+            kwargs.setdefault("processor_kwargs", {})["downsample_mode"] = request.downsample_mode
+        self._check_sampling(request.sampling)
         inputs = self.processor.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
             enable_thinking=request.enable_thinking, **kwargs,
@@ -130,8 +148,18 @@ class Engine:
         opens = tail.rfind(THINK_OPEN) > tail.rfind(THINK_CLOSE)
         return _Prepared(
             inputs=inputs.to(self.model.device), prompt_tokens=prompt_tokens, opens_think_block=opens,
-            sampling=request.sampling, eos_ids=self._eos_ids,
+            sampling=request.sampling, eos_ids=self._eos_ids | set(request.sampling.stop_token_ids),
         )
+
+    def _check_sampling(self, sampling: SamplingParams) -> None:
+        vocab = self.model.config.get_text_config().vocab_size
+        outside = [i for i in sampling.stop_token_ids if not 0 <= i < vocab]
+        if outside:
+            raise BadRequestError(f"stop_token_ids {outside} are outside this model's vocabulary (0..{vocab - 1})",
+                                  param="stop_token_ids")
+        if not 1 <= sampling.n <= self.config.max_batch_size:
+            raise BadRequestError(f"n is {sampling.n}; this model generates at most {self.config.max_batch_size} "
+                                  "sequences per request (its max_batch_size)", param="n")
 
     def _resolve_sampling(self, params: SamplingParams) -> RowSampling:
         """Request values, else the checkpoint's generation_config, else neutral values."""
@@ -145,31 +173,88 @@ class Engine:
             seed=params.seed, min_tokens=params.min_tokens,
         )
 
-    async def _decode(self, prepared: _Prepared, enable_thinking: bool, row: Row) -> AsyncIterator[Chunk]:
+    async def _decode(self, prepared: _Prepared, enable_thinking: bool, row: Row, index: int = 0
+                      ) -> AsyncIterator[Chunk]:
+        """One sequence's chunks: text split into reasoning and answer, cut at stop strings; the ids that
+        end it (eos, stop_token_ids) add no text."""
         detokenizer = IncrementalDetokenizer(self.tokenizer)
         stops = StopMatcher(prepared.sampling.stop)
         splitter = ReasoningSplitter(
             in_reasoning=enable_thinking and prepared.opens_think_block, may_open=enable_thinking
         )
+        logprobs = _LogprobReader(row, self.tokenizer)
         completion_tokens, last_id = 0, None
         async for ids in row:
             completion_tokens += len(ids)
             last_id = ids[-1]
-            text = stops.feed(detokenizer.add(ids))
+            text = stops.feed(detokenizer.add(ids[:-1] if last_id in prepared.eos_ids else ids))
             if stops.stopped:
                 row.cancel()
             reasoning, answer = splitter.feed(text)
             if reasoning or answer:
-                yield Chunk(reasoning=reasoning, content=answer)
+                yield Chunk(reasoning=reasoning, content=answer, index=index, logprobs=logprobs.read(completion_tokens))
         if not stops.stopped:
             reasoning, answer = splitter.feed(stops.feed(detokenizer.flush()) + stops.flush())
             tail_reasoning, tail_answer = splitter.flush()
             if reasoning + tail_reasoning or answer + tail_answer:
-                yield Chunk(reasoning=reasoning + tail_reasoning, content=answer + tail_answer)
+                yield Chunk(reasoning=reasoning + tail_reasoning, content=answer + tail_answer, index=index,
+                            logprobs=logprobs.read(completion_tokens))
         yield Chunk(
             finish_reason="stop" if stops.stopped or last_id in prepared.eos_ids else "length",
-            usage=Usage(prepared.prompt_tokens, completion_tokens),
+            usage=Usage(prepared.prompt_tokens, completion_tokens), index=index,
+            logprobs=logprobs.read(completion_tokens),
         )
+
+
+class _LogprobReader:
+    """Turns a row's recorded (logprob, top alternatives) into TokenLogprobs, a chunk's worth at a time."""
+
+    def __init__(self, row: Row, tokenizer) -> None:
+        self._row, self._tokenizer, self._read = row, tokenizer, 0
+
+    def read(self, upto: int) -> list[TokenLogprob] | None:
+        """The entries of tokens read..upto (None when the request did not ask for logprobs)."""
+        if self._row.want_logprobs is None:
+            return None
+        entries = self._row.logprobs[self._read : upto]
+        ids = self._row.tokens[self._read : upto]
+        self._read = upto
+        text = self._text
+        return [TokenLogprob(text(i), lp, [(text(t), tlp) for t, tlp in top]) for i, (lp, top) in zip(ids, entries)]
+
+    def _text(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+async def merge_streams(streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[Chunk]:
+    """Interleave several chunk streams as their items arrive; the first error ends all of them."""
+    items: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream: AsyncIterator[Chunk]) -> None:
+        try:
+            async for item in stream:
+                items.put_nowait(item)
+        except Exception as exc:
+            items.put_nowait(exc)
+        finally:
+            items.put_nowait(done)
+
+    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await items.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _pick(*values):

@@ -17,6 +17,7 @@ from deployments.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     DeltaMessage,
     ImagePart,
     ResponseMessage,
@@ -25,7 +26,7 @@ from deployments.schemas import (
     UsageInfo,
     VideoPart,
 )
-from deployments.types import ChatMessage, Chunk, ContentPart, GenerationRequest, SamplingParams
+from deployments.types import ChatMessage, Chunk, ContentPart, GenerationRequest, SamplingParams, Usage
 
 # Fetches and decodes the media of one image_url / video_url part; takes `videos_in_request=` (the
 # request's videos share one decoded-bytes budget).
@@ -91,12 +92,14 @@ async def to_generation_request(
         max_tokens=request.requested_max_tokens or limits.default_max_tokens,
         temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
         repetition_penalty=request.repetition_penalty, seed=request.seed, stop=list(request.stop or []),
-        min_tokens=request.min_tokens,
+        min_tokens=request.min_tokens, stop_token_ids=list(request.stop_token_ids or []), n=request.n,
+        logprobs=(request.top_logprobs or 0) if request.logprobs else None,
     )
     if sampling.min_tokens > sampling.max_tokens:
         raise BadRequestError("min_tokens must not exceed max_tokens", param="min_tokens")
+    mm = request.mm_processor_kwargs
     return GenerationRequest(messages=messages, enable_thinking=enable_thinking, sampling=sampling,
-                             request_id=request_id)
+                             request_id=request_id, downsample_mode=mm.downsample_mode if mm else None)
 
 
 def _check_content_size(request: ChatCompletionRequest, limits: RouterArgs) -> None:
@@ -147,25 +150,33 @@ def error_event(error: ServiceError, request_id: str) -> str:
 
 
 class CompletionStream:
-    """Renders one request's chunks as OpenAI stream events (role first, finish, usage)."""
+    """Renders one request's chunks as OpenAI stream events: per choice its role first, its text, its
+    finish; after the last choice finished, usage (if asked)."""
 
-    def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
+    def __init__(self, request_id: str, model: str, include_usage: bool, n: int = 1) -> None:
         self.request_id, self.model, self.include_usage = request_id, model, include_usage
         self.created = int(time.time())
-        self._sent_role = False
+        self._sent_role: set[int] = set()
+        self._unfinished = n
+        self._usage: Usage | None = None
 
     def events(self, chunk: Chunk) -> list[str]:
-        """SSE lines for one chunk; the final chunk adds finish_reason and (if asked) usage."""
+        """SSE lines for one chunk; a final chunk adds its choice's finish_reason, the last one usage."""
         events = []
-        if chunk.reasoning or chunk.content or not self._sent_role:
+        logprobs = ChoiceLogprobs.of(chunk.logprobs) if chunk.logprobs else None
+        if chunk.reasoning or chunk.content or logprobs or chunk.index not in self._sent_role:
             delta = DeltaMessage(content=chunk.content or None, reasoning_content=chunk.reasoning or None)
-            if not self._sent_role:
-                delta.role, delta.content, self._sent_role = "assistant", chunk.content, True
-            events.append(self._event([StreamChoice(delta=delta)]))
+            if chunk.index not in self._sent_role:
+                delta.role, delta.content = "assistant", chunk.content
+                self._sent_role.add(chunk.index)
+            events.append(self._event([StreamChoice(index=chunk.index, delta=delta, logprobs=logprobs)]))
         if chunk.finish_reason:
-            events.append(self._event([StreamChoice(delta=DeltaMessage(), finish_reason=chunk.finish_reason)]))
-            if self.include_usage and chunk.usage:
-                events.append(self._event([], usage=UsageInfo.of(chunk.usage)))
+            events.append(self._event([StreamChoice(index=chunk.index, delta=DeltaMessage(),
+                                                    finish_reason=chunk.finish_reason)]))
+            self._usage = _add_usage(self._usage, chunk.usage)
+            self._unfinished -= 1
+            if self.include_usage and self._usage and not self._unfinished:
+                events.append(self._event([], usage=UsageInfo.of(self._usage)))
         return events
 
     def _event(self, choices: list[StreamChoice], usage: UsageInfo | None = None) -> str:
@@ -174,17 +185,27 @@ class CompletionStream:
         return sse(chunk.model_dump_json(exclude_none=True))
 
 
-async def collect(chunks: AsyncIterator[Chunk], request_id: str, model: str) -> ChatCompletion:
-    """Drain a stream into one non-streaming response."""
-    reasoning, content, final = [], [], None
+async def collect(chunks: AsyncIterator[Chunk], request_id: str, model: str, n: int = 1) -> ChatCompletion:
+    """Drain a stream (of n choices) into one non-streaming response."""
+    by_index: dict[int, list[Chunk]] = {index: [] for index in range(n)}
     async for chunk in chunks:
-        reasoning.append(chunk.reasoning)
-        content.append(chunk.content)
-        final = chunk if chunk.finish_reason else final
-    if final is None or final.usage is None:
-        raise ServiceError("The model stream ended without a final chunk")
-    message = ResponseMessage(content="".join(content), reasoning_content="".join(reasoning) or None)
-    return ChatCompletion(
-        id=request_id, created=int(time.time()), model=model,
-        choices=[Choice(message=message, finish_reason=final.finish_reason)], usage=UsageInfo.of(final.usage),
-    )
+        by_index[chunk.index].append(chunk)
+    choices, usage = [], None
+    for index, parts in by_index.items():
+        if not parts or parts[-1].finish_reason is None or parts[-1].usage is None:
+            raise ServiceError("The model stream ended without a final chunk")
+        usage = _add_usage(usage, parts[-1].usage)
+        message = ResponseMessage(content="".join(p.content for p in parts),
+                                  reasoning_content="".join(p.reasoning for p in parts) or None)
+        logprobs = [entry for p in parts for entry in p.logprobs] if parts[0].logprobs is not None else None
+        choices.append(Choice(index=index, message=message, finish_reason=parts[-1].finish_reason,
+                              logprobs=ChoiceLogprobs.of(logprobs) if logprobs is not None else None))
+    return ChatCompletion(id=request_id, created=int(time.time()), model=model, choices=choices,
+                          usage=UsageInfo.of(usage))
+
+
+def _add_usage(total: Usage | None, usage: Usage | None) -> Usage | None:
+    """The n choices of a request share its prompt: prompt tokens count once, completion tokens add up."""
+    if total is None or usage is None:
+        return total or usage
+    return Usage(total.prompt_tokens, total.completion_tokens + usage.completion_tokens)

@@ -53,7 +53,9 @@ async def _observed(first: Chunk, chunks: DeploymentResponseGenerator, trace: Re
         if chunk.reasoning or chunk.content:
             trace.token()
         if chunk.usage:
-            trace.prompt_tokens, trace.completion_tokens = chunk.usage.prompt_tokens, chunk.usage.completion_tokens
+            # The n choices of a request share its prompt.
+            trace.prompt_tokens = chunk.usage.prompt_tokens
+            trace.completion_tokens += chunk.usage.completion_tokens
             trace.finish_reason = chunk.finish_reason
         yield chunk
 
@@ -236,10 +238,10 @@ class Router:
             raise
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = _sse(first, chunks, CompletionStream(request_id, config.name, include_usage), trace)
+            events = _sse(first, chunks, CompletionStream(request_id, config.name, include_usage, body.n), trace)
             return StreamingResponse(events, media_type="text/event-stream", headers=STREAM_HEADERS)
         try:
-            completion = await collect(_observed(first, chunks, trace), request_id, config.name)
+            completion = await collect(_observed(first, chunks, trace), request_id, config.name, body.n)
         except asyncio.CancelledError:
             trace.status = "cancelled"
             _finish(trace)

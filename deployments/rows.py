@@ -25,7 +25,8 @@ class Row:
 
     def __init__(self, inputs: dict, sampling: RowSampling, max_tokens: int, eos_ids: set[int],
                  loop: asyncio.AbstractEventLoop, deadline: float | None = None, request_id: str = "",
-                 stream_interval_s: float = 0.0) -> None:
+                 stream_interval_s: float = 0.0, logprobs: int | None = None,
+                 downsample_mode: str | None = None) -> None:
         self.inputs: dict | None = inputs  # the processor's output for this request alone; dropped once prefilled
         self.prompt_ids = inputs["input_ids"][0]
         self.prompt_len = int(self.prompt_ids.shape[0])
@@ -33,9 +34,14 @@ class Row:
         self.generator = sampling.generator(self.prompt_ids.device)
         self.loop, self.deadline, self.request_id = loop, deadline, request_id
         self.tokens: list[int] = []
+        # With `logprobs` (the number of alternatives, 0 for none) set, the engine appends each token's
+        # (logprob, [(id, logprob) of the top alternatives]) before the token is delivered.
+        self.want_logprobs = logprobs
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.finished = False
         self.timed_out = False
         self.alone = False  # prefill this row on its own (it failed in a group)
+        self.downsample_mode = downsample_mode  # the vision tower's option for this request's images
         self._stop = threading.Event()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pending: list = []  # items for the consumer, handed over by `deliver`

@@ -68,11 +68,11 @@ class BatchParams:
 
 def sample(logits: torch.Tensor, params: BatchParams, generators: Sequence[torch.Generator | None],
            shared: torch.Generator, seen: torch.Tensor | None = None,
-           no_eos: torch.Tensor | None = None, eos_ids: torch.Tensor | None = None) -> torch.Tensor:
+           blocked: torch.Tensor | None = None, eos_ids: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of `logits` (rows, vocab), as a tensor of shape (rows, 2): token, failed.
 
-    `seen` (rows, vocab, bool) marks the ids the repetition penalty applies to; `no_eos` (rows,
-    bool) marks rows that may not end yet (min_tokens), whose `eos_ids` are masked.
+    `seen` (rows, vocab, bool) marks the ids the repetition penalty applies to; `blocked` (rows,
+    len(eos_ids), bool) marks the end ids each row may not sample yet (min_tokens).
     """
     logits = logits.float()
     broken = torch.isnan(logits).any(dim=-1)
@@ -80,8 +80,8 @@ def sample(logits: torch.Tensor, params: BatchParams, generators: Sequence[torch
     if params.use_penalty and seen is not None:
         penalised = torch.where(logits > 0, logits / params.penalty, logits * params.penalty)
         logits = torch.where(seen, penalised, logits).clamp(-_FLOAT_MAX, _FLOAT_MAX)
-    if no_eos is not None and eos_ids is not None:
-        logits[:, eos_ids] = logits[:, eos_ids].masked_fill(no_eos[:, None], -torch.inf)
+    if blocked is not None and eos_ids is not None:
+        logits[:, eos_ids] = logits[:, eos_ids].masked_fill(blocked, -torch.inf)
     failed = broken | ~torch.isfinite(logits).any(dim=-1)
     greedy_tokens = logits.argmax(dim=-1)
     if params.greedy:

@@ -8,10 +8,12 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.errors import UnsupportedParameterError
-from deployments.types import FinishReason, Usage
+from deployments.types import FinishReason, TokenLogprob, Usage
 
 
 MAX_STOP_CHARS = 1000
+MAX_STOP_TOKEN_IDS = 64
+MAX_N = 128
 
 
 class _Strict(BaseModel):
@@ -61,6 +63,12 @@ class ChatTemplateKwargs(_Strict):
     enable_thinking: bool | None = None
 
 
+class MMProcessorKwargs(_Strict):
+    downsample_mode: Literal["16x", "4x"] | None = Field(
+        default=None, description="Vision tokens per image: 16x merges (the default) or 4x (4 times more tokens, "
+        "finer detail, slower).")
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False
@@ -69,8 +77,8 @@ class StreamOptions(_Strict):
 # Parameters of the OpenAI API this service does not implement: refused with a 400 naming them
 # unless sent with their neutral value.
 _UNSUPPORTED = {
-    "tools": None, "tool_choice": None, "functions": None, "function_call": None, "logprobs": False,
-    "top_logprobs": None, "logit_bias": None, "response_format": None, "parallel_tool_calls": None,
+    "tools": None, "tool_choice": None, "functions": None, "function_call": None,
+    "logit_bias": None, "response_format": None, "parallel_tool_calls": None,
     "audio": None, "modalities": None, "prediction": None, "web_search_options": None,
 }
 
@@ -93,7 +101,15 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="64-bit seed (signed or unsigned).")
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=MAX_N, description="Sequences to generate from the prompt (one prefill); "
+                   "at most the model's max_batch_size.")
+    logprobs: bool = Field(default=False, description="Return each generated token's log-probability.")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20,
+                                     description="With logprobs: also the most likely alternatives at each position.")
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, max_length=MAX_STOP_TOKEN_IDS, description="Token ids that end the sequence like eos "
+        "(vLLM extension); their text is not returned.")
+    mm_processor_kwargs: MMProcessorKwargs | None = None
     min_tokens: int = Field(default=0, ge=0, description="Suppress end-of-sequence for this many tokens.")
     chat_template_kwargs: ChatTemplateKwargs | None = None
     user: str | None = None
@@ -129,8 +145,8 @@ class ChatCompletionRequest(BaseModel):
                 raise UnsupportedParameterError(f"Unrecognized request argument supplied: {name}", param=name)
             if value not in (None, _UNSUPPORTED[name]):
                 raise UnsupportedParameterError(f"'{name}' is not supported by this server", param=name)
-        if self.n != 1:
-            raise UnsupportedParameterError("Only n=1 is supported", param="n")
+        if self.top_logprobs and not self.logprobs:
+            raise UnsupportedParameterError("top_logprobs requires logprobs to be true", param="top_logprobs")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise UnsupportedParameterError(
@@ -184,6 +200,29 @@ class UsageInfo(BaseModel):
                    total_tokens=usage.total_tokens)
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobInfo(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+    @classmethod
+    def of(cls, entry: TokenLogprob) -> TokenLogprobInfo:
+        return cls(token=entry.token, logprob=entry.logprob, bytes=list(entry.token.encode()),
+                   top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in entry.top])
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobInfo]
+
+    @classmethod
+    def of(cls, entries: list[TokenLogprob]) -> ChoiceLogprobs:
+        return cls(content=[TokenLogprobInfo.of(entry) for entry in entries])
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
@@ -193,6 +232,7 @@ class DeltaMessage(BaseModel):
 class StreamChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -214,6 +254,7 @@ class ResponseMessage(BaseModel):
 class Choice(BaseModel):
     index: int = 0
     message: ResponseMessage
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason
 
 

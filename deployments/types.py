@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 Variant = Literal["instruct", "thinking"]
 
 
@@ -46,6 +46,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     # Suppresses end-of-sequence for this many tokens: benchmarks and tests ask for exact lengths.
     min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)  # end the sequence like eos; their text is dropped
+    n: int = 1  # sequences generated from one prompt (one prefill), streamed as choices 0..n-1
+    logprobs: int | None = None  # None: off; k >= 0: the chosen token's log-probability and the k most likely
 
 
 @dataclass
@@ -54,6 +57,7 @@ class GenerationRequest:
     enable_thinking: bool
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
+    downsample_mode: Literal["16x", "4x"] | None = None  # None: the checkpoint's default (16x)
 
 
 @dataclass
@@ -67,14 +71,27 @@ class Usage:
 
 
 @dataclass
+class TokenLogprob:
+    """A token's text and log-probability under the model's raw distribution, with its top alternatives."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
 class Chunk:
     """One piece of a generation stream.
 
-    Every chunk but the last carries text: `reasoning` (inside `<think>...</think>`) and/or
-    `content` (the answer). The last chunk of every stream carries `finish_reason` and `usage`.
+    Every chunk but the last of a sequence carries text: `reasoning` (inside `<think>...</think>`)
+    and/or `content` (the answer). The last chunk of every sequence carries `finish_reason` and
+    `usage` (its own completion tokens). `index` names the sequence (0..n-1). `logprobs`, when
+    asked for, covers the tokens generated since the previous chunk of the sequence.
     """
 
     reasoning: str = ""
     content: str = ""
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None

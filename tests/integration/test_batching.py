@@ -198,7 +198,7 @@ async def test_a_newcomer_whose_prefill_fails_leaves_the_running_rows_untouched(
         prepared = batched.prepare(ask(["broken"], 5))
         prepared.inputs["input_ids"][0, -1] = batched.model.config.get_text_config().vocab_size + 100  # no such token
         row = Row(prepared.inputs, RowSampling(), 5, prepared.eos_ids, asyncio.get_running_loop())
-        batched.core.submit(row)
+        batched.core.submit([row])
         with pytest.raises(IndexError):
             async for _ in row:
                 pass
@@ -258,7 +258,7 @@ async def test_a_prompt_that_fails_in_a_prefill_group_fails_alone(batched, one_a
     broken = Row(prepared.inputs, RowSampling(), 5, prepared.eos_ids, asyncio.get_running_loop())
 
     async def run_broken() -> None:
-        batched.core.submit(broken)
+        batched.core.submit([broken])
         with pytest.raises(IndexError):
             async for _ in broken:
                 pass

@@ -67,18 +67,18 @@ def core() -> EngineCore:
 async def test_a_failing_decode_ends_its_rows_with_the_error_and_the_core_keeps_serving(core):
     core.model.model.language_model.fail_decode = True
     failing = row(5)
-    core.submit(failing)
+    core.submit([failing])
     with pytest.raises(RuntimeError, match="decode broke"):
         await read(failing)
     core.model.model.language_model.fail_decode = False
     again = row(5)
-    core.submit(again)
+    core.submit([again])
     assert len(await read(again)) == 5 and core.running == 0
 
 
 async def test_a_failure_while_joining_ends_only_the_newcomers(core, monkeypatch):
     steady = row(200)
-    core.submit(steady)
+    core.submit([steady])
     stream = aiter(steady)
     before = await anext(stream)  # steady is decoding
 
@@ -87,7 +87,7 @@ async def test_a_failure_while_joining_ends_only_the_newcomers(core, monkeypatch
 
     monkeypatch.setattr(core.cache, "load", broken_load)
     newcomer = row(5)
-    core.submit(newcomer)
+    core.submit([newcomer])
     with pytest.raises(ValueError, match="no slot"):
         await read(newcomer)
     monkeypatch.undo()

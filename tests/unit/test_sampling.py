@@ -15,10 +15,10 @@ VOCAB = 50
 
 
 def draw(logits: torch.Tensor, rows: list[RowSampling], seen: torch.Tensor | None = None,
-         no_eos: torch.Tensor | None = None, eos: list[int] | None = None) -> tuple[list[int], list[int]]:
+         blocked: torch.Tensor | None = None, eos: list[int] | None = None) -> tuple[list[int], list[int]]:
     shared = torch.Generator().manual_seed(0)
     out = sample(logits, BatchParams(rows, logits.device), [r.generator(logits.device) for r in rows], shared, seen,
-                 no_eos, torch.tensor(eos) if eos else None)
+                 blocked, torch.tensor(eos) if eos else None)
     return out[:, 0].tolist(), out[:, 1].tolist()
 
 
@@ -61,7 +61,7 @@ def test_top_k_keeps_sampling_within_the_k_best():
 def test_min_tokens_masks_eos_only_in_rows_that_must_go_on():
     logits = torch.zeros(2, VOCAB)
     logits[:, 7] = 10.0  # eos is the argmax of both rows
-    tokens, _ = draw(logits, [RowSampling(), RowSampling()], no_eos=torch.tensor([True, False]), eos=[7])
+    tokens, _ = draw(logits, [RowSampling(), RowSampling()], blocked=torch.tensor([[True], [False]]), eos=[7])
     assert tokens[0] != 7 and tokens[1] == 7
 
 
