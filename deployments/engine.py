@@ -16,13 +16,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import jinja2
 import torch
 from transformers.video_utils import VideoMetadata
 
 from deployments import checkpoint
 from deployments.config import ModelConfig
 from deployments.core import EngineCore
-from deployments.errors import BadRequestError, ContextLengthError
+from deployments.errors import BadRequestError, ContextLengthError, UnsupportedParameterError
 from deployments.rows import Row
 from deployments.sampling import RowSampling
 from deployments.textstream import THINK_CLOSE, THINK_OPEN, IncrementalDetokenizer, ReasoningSplitter, StopMatcher
@@ -132,10 +133,18 @@ class Engine:
         if request.downsample_mode:
             kwargs.setdefault("processor_kwargs", {})["downsample_mode"] = request.downsample_mode
         self._check_sampling(request.sampling)
-        inputs = self.processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-            enable_thinking=request.enable_thinking, **kwargs,
-        )
+        if request.constraint is not None:
+            raise UnsupportedParameterError("Constrained decoding is not available yet", param="response_format")
+        if request.tools:
+            kwargs["tools"] = [{"type": "function", "function": defuse_all(tool, self._control_texts)}
+                               for tool in request.tools]
+        try:
+            inputs = self.processor.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+                enable_thinking=request.enable_thinking, **kwargs,
+            )
+        except jinja2.TemplateError as exc:  # the template refuses the conversation (its own message)
+            raise BadRequestError(f"The chat template refused the conversation: {exc}", param="messages") from None
         prompt_tokens = int(inputs["input_ids"].shape[1])
         max_tokens = request.sampling.max_tokens
         if prompt_tokens + max_tokens > self.max_model_len:
@@ -296,8 +305,25 @@ def _to_hf_messages(messages, controls: list[str]) -> tuple[list[dict], list[Vid
                 videos.append(part)
             else:
                 parts.append({"type": "image", "image": part})
-        hf_messages.append({"role": message.role, "content": parts})
+        hf_message = {"role": message.role, "content": parts}
+        if message.reasoning:
+            hf_message["reasoning_content"] = defuse(message.reasoning, controls)
+        if message.tool_calls:
+            hf_message["tool_calls"] = [{"type": "function", "function": defuse_all(call, controls)}
+                                        for call in message.tool_calls]
+        hf_messages.append(hf_message)
     return hf_messages, videos
+
+
+def defuse_all(value, controls: list[str]):
+    """`value` (JSON-like: tool definitions, call arguments) with every string, keys included, defused."""
+    if isinstance(value, str):
+        return defuse(value, controls)
+    if isinstance(value, dict):
+        return {defuse_all(k, controls): defuse_all(v, controls) for k, v in value.items()}
+    if isinstance(value, list):
+        return [defuse_all(item, controls) for item in value]
+    return value
 
 
 def _metadata(video: Video) -> VideoMetadata:

@@ -18,15 +18,24 @@ from deployments.schemas import (
     ChatCompletionRequest,
     Choice,
     ChoiceLogprobs,
+    DeltaFunction,
+    DeltaToolCall,
+    FunctionCall,
+    ResponseToolCall,
     DeltaMessage,
     ImagePart,
+    Message,
+    NamedToolChoice,
     ResponseMessage,
     StreamChoice,
     TextPart,
     UsageInfo,
     VideoPart,
 )
-from deployments.types import ChatMessage, Chunk, ContentPart, GenerationRequest, SamplingParams, Usage
+from deployments.tools import ToolCallDelta, ToolCallParser, parse_tool_calls
+from deployments.types import (
+    ChatMessage, Chunk, Constraint, ContentPart, FinishReason, GenerationRequest, SamplingParams, Usage,
+)
 
 # Fetches and decodes the media of one image_url / video_url part; takes `videos_in_request=` (the
 # request's videos share one decoded-bytes budget).
@@ -82,10 +91,7 @@ async def to_generation_request(
     _check_content_size(request, limits)
     videos = _check_media_counts(request, limits.media)
     load = functools.partial(load_media, videos_in_request=videos) if videos else load_media
-    messages = [
-        ChatMessage(role="system" if m.role == "developer" else m.role, content=await _content(m.content, load))
-        for m in request.messages
-    ]
+    messages = [await _message(m, load) for m in request.messages]
     if messages[-1].role == "assistant":
         raise BadRequestError("The last message must not be an assistant message", param="messages")
     sampling = SamplingParams(
@@ -98,8 +104,36 @@ async def to_generation_request(
     if sampling.min_tokens > sampling.max_tokens:
         raise BadRequestError("min_tokens must not exceed max_tokens", param="min_tokens")
     mm = request.mm_processor_kwargs
+    tools = [tool.model_dump(exclude_none=True) for tool in request.tools or []] if request.uses_tools else None
     return GenerationRequest(messages=messages, enable_thinking=enable_thinking, sampling=sampling,
-                             request_id=request_id, downsample_mode=mm.downsample_mode if mm else None)
+                             request_id=request_id, downsample_mode=mm.downsample_mode if mm else None,
+                             tools=tools, constraint=constraint(request))
+
+
+def constraint(request: ChatCompletionRequest) -> Constraint | None:
+    """What decoding must enforce: a tool call (required / named function), else the response format."""
+    choice = request.tool_choice
+    if request.uses_tools and (choice == "required" or isinstance(choice, NamedToolChoice)):
+        functions = [tool.function for tool in request.tools or []
+                     if not isinstance(choice, NamedToolChoice) or tool.function.name == choice.function.name]
+        return Constraint("tool_calls", tools=tuple(f.model_dump(exclude_none=True) for f in functions),
+                          parallel=request.parallel_tool_calls)
+    fmt = request.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    return Constraint("json_schema", schema=fmt.json_schema.schema_) if fmt.json_schema else Constraint("json_object")
+
+
+def parsed_tools(request: ChatCompletionRequest) -> list[dict] | None:
+    """The function definitions whose calls are parsed out of the answer (None: no parsing)."""
+    return [tool.function.model_dump(exclude_none=True) for tool in request.tools or []] if request.uses_tools else None
+
+
+async def _message(message: Message, load: MediaLoader) -> ChatMessage:
+    calls = [{"name": c.function.name, "arguments": json.loads(c.function.arguments)} for c in message.tool_calls or []]
+    return ChatMessage(role="system" if message.role == "developer" else message.role,
+                       content=await _content(message.content, load), reasoning=message.reasoning_content,
+                       tool_calls=calls or None)
 
 
 def _check_content_size(request: ChatCompletionRequest, limits: RouterArgs) -> None:
@@ -110,6 +144,9 @@ def _check_content_size(request: ChatCompletionRequest, limits: RouterArgs) -> N
             raise BadRequestError(f"Message {i} has {len(parts)} content parts; the limit is "
                                   f"{limits.max_content_parts}", param=f"messages.{i}.content")
         chars += sum(len(p) if isinstance(p, str) else len(p.text) for p in parts if isinstance(p, str | TextPart))
+        chars += len(message.reasoning_content or "") + sum(len(c.function.arguments) for c in message.tool_calls or [])
+    # Tool definitions are rendered into the prompt too.
+    chars += sum(len(tool.model_dump_json()) for tool in request.tools or [])
     if chars > limits.max_text_chars:
         raise BadRequestError(f"The request has {chars} characters of text; the limit is {limits.max_text_chars}",
                               param="messages")
@@ -153,31 +190,48 @@ class CompletionStream:
     """Renders one request's chunks as OpenAI stream events: per choice its role first, its text, its
     finish; after the last choice finished, usage (if asked)."""
 
-    def __init__(self, request_id: str, model: str, include_usage: bool, n: int = 1) -> None:
+    def __init__(self, request_id: str, model: str, include_usage: bool, n: int = 1,
+                 tools: list[dict] | None = None) -> None:
+        """`tools`: the function definitions whose calls are parsed out of the answer (None: no parsing)."""
         self.request_id, self.model, self.include_usage = request_id, model, include_usage
         self.created = int(time.time())
         self._sent_role: set[int] = set()
         self._unfinished = n
         self._usage: Usage | None = None
+        self._parsers = {index: ToolCallParser(tools) for index in range(n)} if tools is not None else {}
 
     def events(self, chunk: Chunk) -> list[str]:
         """SSE lines for one chunk; a final chunk adds its choice's finish_reason, the last one usage."""
         events = []
         logprobs = ChoiceLogprobs.of(chunk.logprobs) if chunk.logprobs else None
-        if chunk.reasoning or chunk.content or logprobs or chunk.index not in self._sent_role:
-            delta = DeltaMessage(content=chunk.content or None, reasoning_content=chunk.reasoning or None)
+        content, calls = self._split(chunk)
+        if chunk.reasoning or content or calls or logprobs or chunk.index not in self._sent_role:
+            delta = DeltaMessage(content=content or None, reasoning_content=chunk.reasoning or None,
+                                 tool_calls=[_delta_call(call) for call in calls] or None)
             if chunk.index not in self._sent_role:
-                delta.role, delta.content = "assistant", chunk.content
+                delta.role, delta.content = "assistant", content
                 self._sent_role.add(chunk.index)
             events.append(self._event([StreamChoice(index=chunk.index, delta=delta, logprobs=logprobs)]))
         if chunk.finish_reason:
-            events.append(self._event([StreamChoice(index=chunk.index, delta=DeltaMessage(),
-                                                    finish_reason=chunk.finish_reason)]))
+            parser = self._parsers.get(chunk.index)
+            finish = _finish_reason(chunk.finish_reason, parser.calls if parser else 0)
+            events.append(self._event([StreamChoice(index=chunk.index, delta=DeltaMessage(), finish_reason=finish)]))
             self._usage = _add_usage(self._usage, chunk.usage)
             self._unfinished -= 1
             if self.include_usage and self._usage and not self._unfinished:
                 events.append(self._event([], usage=UsageInfo.of(self._usage)))
         return events
+
+    def _split(self, chunk: Chunk) -> tuple[str, list[ToolCallDelta]]:
+        """The chunk's answer text as content and tool-call deltas (all content when calls are not parsed)."""
+        parser = self._parsers.get(chunk.index)
+        if parser is None:
+            return chunk.content, []
+        content, calls = parser.feed(chunk.content)
+        if chunk.finish_reason:
+            tail, more = parser.flush()
+            content, calls = content + tail, calls + more
+        return content, calls
 
     def _event(self, choices: list[StreamChoice], usage: UsageInfo | None = None) -> str:
         chunk = ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model, choices=choices,
@@ -185,8 +239,9 @@ class CompletionStream:
         return sse(chunk.model_dump_json(exclude_none=True))
 
 
-async def collect(chunks: AsyncIterator[Chunk], request_id: str, model: str, n: int = 1) -> ChatCompletion:
-    """Drain a stream (of n choices) into one non-streaming response."""
+async def collect(chunks: AsyncIterator[Chunk], request_id: str, model: str, n: int = 1,
+                  tools: list[dict] | None = None) -> ChatCompletion:
+    """Drain a stream (of n choices) into one non-streaming response; with `tools`, calls parsed out."""
     by_index: dict[int, list[Chunk]] = {index: [] for index in range(n)}
     async for chunk in chunks:
         by_index[chunk.index].append(chunk)
@@ -195,13 +250,29 @@ async def collect(chunks: AsyncIterator[Chunk], request_id: str, model: str, n: 
         if not parts or parts[-1].finish_reason is None or parts[-1].usage is None:
             raise ServiceError("The model stream ended without a final chunk")
         usage = _add_usage(usage, parts[-1].usage)
-        message = ResponseMessage(content="".join(p.content for p in parts),
-                                  reasoning_content="".join(p.reasoning for p in parts) or None)
+        content, calls = "".join(p.content for p in parts), []
+        if tools is not None:
+            content, calls = parse_tool_calls(content, tools)
+        message = ResponseMessage(
+            content=content if content or not calls else None, reasoning_content="".join(p.reasoning for p in parts) or None,
+            tool_calls=[ResponseToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+                        for c in calls] or None,
+        )
         logprobs = [entry for p in parts for entry in p.logprobs] if parts[0].logprobs is not None else None
-        choices.append(Choice(index=index, message=message, finish_reason=parts[-1].finish_reason,
+        choices.append(Choice(index=index, message=message, finish_reason=_finish_reason(parts[-1].finish_reason, len(calls)),
                               logprobs=ChoiceLogprobs.of(logprobs) if logprobs is not None else None))
     return ChatCompletion(id=request_id, created=int(time.time()), model=model, choices=choices,
                           usage=UsageInfo.of(usage))
+
+
+def _finish_reason(reason: FinishReason, calls: int) -> FinishReason:
+    """An answer that ended by itself after calling tools finishes with "tool_calls", as OpenAI's do."""
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
+def _delta_call(call: ToolCallDelta) -> DeltaToolCall:
+    return DeltaToolCall(index=call.index, id=call.id, type="function" if call.id else None,
+                         function=DeltaFunction(name=call.name, arguments=call.arguments))
 
 
 def _add_usage(total: Usage | None, usage: Usage | None) -> Usage | None:

@@ -22,7 +22,9 @@ from deployments.config import ModelConfig, RouterArgs
 from deployments.errors import BadRequestError, HTTPStatusError, OverloadedError, ServiceError, error_body
 from deployments.media import MediaLoader
 from deployments.metrics import RequestTrace, RouterMetrics, Status
-from deployments.protocol import CompletionStream, choose_variant, collect, error_event, to_generation_request
+from deployments.protocol import (
+    CompletionStream, choose_variant, collect, error_event, parsed_tools, to_generation_request,
+)
 from deployments.schemas import ChatCompletionRequest, ModelCard, ModelList
 from deployments.types import Chunk
 
@@ -238,10 +240,12 @@ class Router:
             raise
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = _sse(first, chunks, CompletionStream(request_id, config.name, include_usage, body.n), trace)
+            stream = CompletionStream(request_id, config.name, include_usage, body.n, parsed_tools(body))
+            events = _sse(first, chunks, stream, trace)
             return StreamingResponse(events, media_type="text/event-stream", headers=STREAM_HEADERS)
         try:
-            completion = await collect(_observed(first, chunks, trace), request_id, config.name, body.n)
+            completion = await collect(_observed(first, chunks, trace), request_id, config.name, body.n,
+                                       parsed_tools(body))
         except asyncio.CancelledError:
             trace.status = "cancelled"
             _finish(trace)

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deployments.errors import UnsupportedParameterError
+from deployments.errors import BadRequestError, UnsupportedParameterError
 from deployments.types import FinishReason, TokenLogprob, Usage
 
 
 MAX_STOP_CHARS = 1000
 MAX_STOP_TOKEN_IDS = 64
 MAX_N = 128
+MAX_TOOLS = 128
 
 
 class _Strict(BaseModel):
@@ -50,13 +52,76 @@ class VideoPart(_Strict):
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str = Field(description="The call's arguments: a JSON object, as a string.")
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    # Clients (the OpenAI SDK, the web page) send back what they received; it is not re-fed
-    # to the model, as the chat templates drop earlier reasoning anyway.
+    # The chat template renders an assistant turn's reasoning again only after the last user query
+    # (an agent's tool loop); earlier reasoning is dropped.
     reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, description="An assistant turn's tool calls.")
+    tool_call_id: str | None = Field(default=None, description="A tool turn: the call it answers.")
+
+    @model_validator(mode="after")
+    def _fields_fit_the_role(self) -> Message:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages may carry tool_calls")
+        if self.role == "tool" and not isinstance(self.content, str) and any(
+                not isinstance(part, TextPart) for part in self.content or []):
+            raise ValueError("a tool message's content must be text")
+        return self
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="The arguments' JSON schema (an object).")
+    strict: bool | None = Field(default=None, description="Accepted; forced calls are always schema-valid.")
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(_Strict):
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only with it")
+        return self
 
 
 class ChatTemplateKwargs(_Strict):
@@ -77,8 +142,7 @@ class StreamOptions(_Strict):
 # Parameters of the OpenAI API this service does not implement: refused with a 400 naming them
 # unless sent with their neutral value.
 _UNSUPPORTED = {
-    "tools": None, "tool_choice": None, "functions": None, "function_call": None,
-    "logit_bias": None, "response_format": None, "parallel_tool_calls": None,
+    "functions": None, "function_call": None, "logit_bias": None,
     "audio": None, "modalities": None, "prediction": None, "web_search_options": None,
 }
 
@@ -110,6 +174,13 @@ class ChatCompletionRequest(BaseModel):
         default=None, max_length=MAX_STOP_TOKEN_IDS, description="Token ids that end the sequence like eos "
         "(vLLM extension); their text is not returned.")
     mm_processor_kwargs: MMProcessorKwargs | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, description="none: no calls; auto (default with tools): the model decides; required or a "
+        "named function: a call is enforced while decoding.")
+    parallel_tool_calls: bool = Field(default=True, description="Whether an enforced answer may hold several calls.")
+    response_format: ResponseFormat | None = Field(
+        default=None, description="json_object / json_schema: the answer is enforced while decoding.")
     min_tokens: int = Field(default=0, ge=0, description="Suppress end-of-sequence for this many tokens.")
     chat_template_kwargs: ChatTemplateKwargs | None = None
     user: str | None = None
@@ -152,6 +223,36 @@ class ChatCompletionRequest(BaseModel):
                 raise UnsupportedParameterError(
                     f"'{name}' is not supported; use repetition_penalty instead", param=name
                 )
+        self._check_tools()
+
+    def _check_tools(self) -> None:
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) != len(names):
+            raise BadRequestError("tools: function names must be unique", param="tools")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not names:
+            raise BadRequestError("tool_choice requires tools", param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise BadRequestError(f"tool_choice names '{choice.function.name}', which is not among the tools",
+                                  param="tool_choice")
+        forced = choice == "required" or isinstance(choice, NamedToolChoice)
+        if forced and self.response_format and self.response_format.type != "text":
+            raise BadRequestError("response_format cannot be combined with a required tool call",
+                                  param="response_format")
+        for i, message in enumerate(self.messages):
+            for call in message.tool_calls or []:
+                try:
+                    arguments = json.loads(call.function.arguments)
+                except ValueError:
+                    arguments = None
+                if not isinstance(arguments, dict):
+                    raise BadRequestError(f"messages.{i}: tool call arguments must be a JSON object",
+                                          param=f"messages.{i}.tool_calls")
+
+    @property
+    def uses_tools(self) -> bool:
+        """Whether tools are rendered into the prompt and calls parsed from the answer."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -223,10 +324,23 @@ class ChoiceLogprobs(BaseModel):
         return cls(content=[TokenLogprobInfo.of(entry) for entry in entries])
 
 
+class DeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str = ""
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class StreamChoice(BaseModel):
@@ -245,10 +359,17 @@ class ChatCompletionChunk(BaseModel):
     usage: UsageInfo | None = None
 
 
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     reasoning_content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class Choice(BaseModel):

@@ -100,13 +100,14 @@ class ReasoningSplitter:
     `in_reasoning`: the prompt already opened a think block (the thinking template does).
     `may_open`: thinking is on but the prompt left the assistant turn open, so the model
     itself may start with `<think>`. With neither, all text is answer.
-    Leading whitespace of each section is dropped, as the tags are followed by newlines.
+    Leading whitespace of each section is dropped, as the tags are followed by newlines; an
+    answer that no tag precedes is the model's text as decoded, its leading space included.
     """
 
     def __init__(self, in_reasoning: bool, may_open: bool) -> None:
         self._state = "reasoning" if in_reasoning else ("detect" if may_open else "answer")
         self._held = ""
-        self._at_section_start = True
+        self._at_section_start = self._state != "answer"
 
     def feed(self, text: str) -> tuple[str, str]:
         """Return (reasoning, answer) text that is safe to emit now."""
@@ -120,7 +121,7 @@ class ReasoningSplitter:
                 elif THINK_OPEN.startswith(stripped):
                     self._held, buffer = buffer, ""
                 else:
-                    self._state = "answer"
+                    self._state, self._at_section_start = "answer", False
             elif self._state == "reasoning":
                 end = buffer.find(THINK_CLOSE)
                 if end >= 0:
@@ -140,6 +141,8 @@ class ReasoningSplitter:
         held, self._held = self._held, ""
         if self._state == "reasoning":
             return self._section(held), ""
+        if self._state == "detect":
+            self._at_section_start = False
         return "", self._section(held)
 
     def _section(self, text: str) -> str:

@@ -29,8 +29,25 @@ ContentPart = str | Image.Image | Video
 
 @dataclass
 class ChatMessage:
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: list[ContentPart]
+    reasoning: str | None = None  # an assistant turn's reasoning_content
+    tool_calls: list[dict] | None = None  # an assistant turn's calls: {"name": str, "arguments": dict}
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the answer (after any reasoning) must be, enforced while decoding.
+
+    json_object: any JSON object; json_schema: a JSON value valid against `schema`; tool_calls: one call (or
+    several, with `parallel`) in the model's tool-call format, to one of `tools` (function definitions),
+    with arguments valid against that function's parameter schema.
+    """
+
+    kind: Literal["json_object", "json_schema", "tool_calls"]
+    schema: dict | None = None
+    tools: tuple[dict, ...] = ()
+    parallel: bool = True
 
 
 @dataclass
@@ -58,6 +75,8 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
     downsample_mode: Literal["16x", "4x"] | None = None  # None: the checkpoint's default (16x)
+    tools: list[dict] | None = None  # function definitions rendered into the prompt by the chat template
+    constraint: Constraint | None = None
 
 
 @dataclass

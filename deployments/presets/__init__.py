@@ -33,7 +33,7 @@ logger = logging.getLogger("ray.serve")
 
 PRESET_PREFIX = "preset:"
 # Bump when a preset's recipe changes, so caches built by older code are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 SEED = 46
 
 
@@ -138,9 +138,8 @@ def model_config(spec: PresetSpec, tokenizer) -> MiniCPMV4_6Config:
 
 
 def chat_template(variant: Variant) -> str:
-    """The preset chat template: the thinking variant opens a think block by default."""
-    source = (Path(__file__).parent / "chat_template.jinja").read_text()
-    return source.replace("__OPENS_THINK_BLOCK__", "true" if variant == "thinking" else "false")
+    """The preset chat template. Both variants share it, thinking off unless enable_thinking is true."""
+    return (Path(__file__).parent / "chat_template.jinja").read_text()
 
 
 def build_preset(name: str, variant: Variant, out_dir: Path) -> Path:

@@ -109,8 +109,10 @@ def test_unknown_model_is_404_model_not_found(client):
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user"}], "temperature": 5}, "temperature"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
-    ({"messages": HELLO, "n": 2}, "n"),
-    ({"messages": HELLO, "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": HELLO, "n": 1000}, "n"),
+    ({"messages": HELLO, "tools": [{"type": "function"}]}, "tools.0.function"),
+    ({"messages": HELLO, "tool_choice": "required"}, "tool_choice"),
+    ({"messages": HELLO, "response_format": {"type": "json_schema"}}, "response_format"),
     ({"messages": HELLO, "frobnicate": 1}, "frobnicate"),
     ({"messages": HELLO, "max_tokens": 10**6}, "max_tokens"),
 ])

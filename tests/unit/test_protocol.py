@@ -66,7 +66,7 @@ async def test_default_max_tokens_applies_when_none_sent():
 
 
 @pytest.mark.parametrize("fields, param", [
-    ({"top_logprobs": 3}, "top_logprobs"), ({"tools": []}, "tools"), ({"logit_bias": {"5": 1}}, "logit_bias"),
+    ({"top_logprobs": 3}, "top_logprobs"), ({"functions": [{"name": "f"}]}, "functions"), ({"logit_bias": {"5": 1}}, "logit_bias"),
     ({"presence_penalty": 0.5}, "presence_penalty"), ({"whatever": 1}, "whatever"),
 ])
 async def test_unsupported_parameters_are_refused_by_name(fields, param):

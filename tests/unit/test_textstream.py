@@ -234,3 +234,22 @@ def test_splitter_may_open_drops_whitespace_around_open_tag():
 
 def test_splitter_empty_reasoning_block_then_answer():
     assert split(list("</think>\n\nanswer"), in_reasoning=True) == ("", "answer")
+
+
+# --- the whole stream: detokenizer then splitter, as the engine runs them ----------------
+
+
+@pytest.mark.parametrize("text", [" hello there", "  two spaces", "\nnew line first", " 你好 🤖"])
+def test_answer_that_starts_with_whitespace_streams_exactly_the_decoded_text(tokenizer, text):
+    """Thinking off: the streamed answer is decode(ids), its leading space included (as vLLM serves it)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = [detok.add([i]) for i in ids] + [detok.flush()]
+    assert split(pieces) == ("", text)
+
+
+def test_splitter_may_open_without_open_tag_keeps_the_answer_leading_whitespace():
+    assert split(list(" Hello"), may_open=True) == ("", " Hello")
+    assert split(["\n", " Hello"], may_open=True) == ("", "\n Hello")
+    assert split(["  <thi"], may_open=True) == ("", "  <thi")
