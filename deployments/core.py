@@ -26,7 +26,8 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import DynamicCache
 
-from deployments.errors import NumericalError
+from deployments.errors import GrammarError, NumericalError
+from deployments.grammar import Masker
 from deployments.rows import Row, deliver, merge_inputs
 from deployments.sampling import BatchParams, sample
 from deployments.slots import SlotCache
@@ -70,6 +71,7 @@ class EngineCore:
         self._pad, self._wait_s, self._prefill_tokens, self._on_rows = pad_token_id, batch_wait_s, prefill_tokens, on_rows
         conv_dtype = next((m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.Conv1d)), model.dtype)
         self.cache = SlotCache(self.text_config, max_rows, max_len, model.dtype, self.device, conv_dtype)
+        self._masker = Masker(max_rows, self.text_config.vocab_size)
         self._rows: list[Row] = []  # slot order: row i lives in slot i
         self._next_ids = torch.zeros(max_rows, dtype=torch.long, device=self.device)
         self._seen: torch.Tensor | None = None  # (max_rows, vocab) ids the repetition penalty applies to
@@ -297,17 +299,24 @@ class EngineCore:
                 self._seen[slot] = False
                 self._seen[slot, row.prompt_ids] = True
         seen = self._seen[first : first + len(rows)] if self._seen is not None else None
+        logprobs = _logprob_table(logits, rows) if any(r.want_logprobs is not None for r in rows) else None
+        constrained = [(i, row.matcher) for i, row in enumerate(rows) if row.constrained]
+        if constrained:
+            self._masker.apply(logits, constrained)
         draws = sample(logits, params, [r.generator for r in rows], self._shared_generator, seen,
                        self._blocked(rows, eos), eos)
         tokens = draws[:, 0]
         self._next_ids[first : first + len(rows)] = tokens
         if seen is not None:
             seen[torch.arange(len(rows), device=self.device), tokens] = True
-        if any(r.want_logprobs is not None for r in rows):
-            _record_logprobs(logits, tokens, rows)
+        if logprobs is not None:
+            _record_logprobs(logprobs, tokens, rows)
         for row, (token, failed) in zip(rows, draws.tolist()):  # the one device-to-host copy
+            refused = None if failed else row.follow(token)
             if failed:
                 row.end(NumericalError("The model produced invalid (non-finite) scores for this request"))
+            elif refused:
+                row.end(GrammarError(f"Constrained decoding failed: {refused}"))
             else:
                 row.add(token)
         deliver(rows)
@@ -318,8 +327,9 @@ class EngineCore:
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
     def _blocked(self, rows: list[Row], eos: torch.Tensor) -> torch.Tensor | None:
-        """(rows, len(eos)): which of `eos` each row may not sample yet (its own end ids, under min_tokens)."""
-        early = [r.generated < r.sampling.min_tokens for r in rows]
+        """(rows, len(eos)): which of `eos` each row may not sample yet (its own end ids, under min_tokens;
+        a grammar alone decides where a constrained row may end)."""
+        early = [r.generated < r.sampling.min_tokens and r.matcher is None for r in rows]
         if not any(early):
             return None
         ids = eos.tolist()
@@ -358,11 +368,16 @@ class EngineCore:
 MIN_LOGPROB = -9999.0
 
 
-def _record_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[Row]) -> None:
-    """Append each asking row's chosen-token log-probability and top alternatives, under the model's raw
-    distribution (before temperature, penalties and masks, as vLLM reports them by default)."""
+def _logprob_table(logits: torch.Tensor, rows: list[Row]) -> tuple[list[int], torch.Tensor]:
+    """The asking rows and their log-probabilities under the model's raw distribution (before temperature,
+    penalties and grammar masks, as vLLM reports them by default)."""
     index = [i for i, row in enumerate(rows) if row.want_logprobs is not None]
-    logprobs = torch.log_softmax(logits[index].float(), dim=-1).clamp(min=MIN_LOGPROB).nan_to_num(MIN_LOGPROB)
+    return index, torch.log_softmax(logits[index].float(), dim=-1).clamp(min=MIN_LOGPROB).nan_to_num(MIN_LOGPROB)
+
+
+def _record_logprobs(table: tuple[list[int], torch.Tensor], tokens: torch.Tensor, rows: list[Row]) -> None:
+    """Append each asking row's chosen-token log-probability and top alternatives."""
+    index, logprobs = table
     chosen = logprobs.gather(1, tokens[index, None])[:, 0].tolist()
     k = max(rows[i].want_logprobs for i in index)
     top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())

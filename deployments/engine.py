@@ -23,7 +23,8 @@ from transformers.video_utils import VideoMetadata
 from deployments import checkpoint
 from deployments.config import ModelConfig
 from deployments.core import EngineCore
-from deployments.errors import BadRequestError, ContextLengthError, UnsupportedParameterError
+from deployments.errors import BadRequestError, ContextLengthError
+from deployments.grammar import Grammars
 from deployments.rows import Row
 from deployments.sampling import RowSampling
 from deployments.textstream import THINK_CLOSE, THINK_OPEN, IncrementalDetokenizer, ReasoningSplitter, StopMatcher
@@ -40,6 +41,8 @@ class _Prepared:
     opens_think_block: bool
     sampling: SamplingParams
     eos_ids: set[int]
+    matchers: list  # one grammar matcher per sequence (None: unconstrained)
+    matcher_after: int | None  # the grammar applies once this token (the end of the reasoning) was sampled
 
 
 class Engine:
@@ -58,6 +61,8 @@ class Engine:
         eos = self.defaults.eos_token_id
         self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         pad = self.defaults.pad_token_id if self.defaults.pad_token_id is not None else self.tokenizer.pad_token_id
+        self._think_close = self.tokenizer.convert_tokens_to_ids(THINK_CLOSE)
+        self.grammars = Grammars(self.tokenizer, text_config.vocab_size, sorted(self._eos_ids))
         self.core = EngineCore(
             self.model, config.max_batch_size, self.max_model_len, pad, config.batch_wait_ms / 1000,
             config.continuous_batching, config.prefill_chunk_tokens, on_batch_rows,
@@ -102,6 +107,7 @@ class Engine:
             request_id=request.request_id, stream_interval_s=self.config.stream_interval_ms / 1000,
             deadline=time.monotonic() + self.config.max_generation_s if self.config.max_generation_s else None,
             logprobs=prepared.sampling.logprobs, downsample_mode=request.downsample_mode,
+            matcher=prepared.matchers[index], matcher_after=prepared.matcher_after,
         )
 
     @staticmethod
@@ -133,8 +139,6 @@ class Engine:
         if request.downsample_mode:
             kwargs.setdefault("processor_kwargs", {})["downsample_mode"] = request.downsample_mode
         self._check_sampling(request.sampling)
-        if request.constraint is not None:
-            raise UnsupportedParameterError("Constrained decoding is not available yet", param="response_format")
         if request.tools:
             kwargs["tools"] = [{"type": "function", "function": defuse_all(tool, self._control_texts)}
                                for tool in request.tools]
@@ -155,9 +159,14 @@ class Engine:
             )
         tail = self.tokenizer.decode(inputs["input_ids"][0, -8:])
         opens = tail.rfind(THINK_OPEN) > tail.rfind(THINK_CLOSE)
+        # With thinking on, the answer (what a constraint governs) starts after the model closes its reasoning.
+        after = self._think_close if opens and request.enable_thinking and self._think_close is not None else None
+        matchers = ([None] * request.sampling.n if request.constraint is None else
+                    self.grammars.matchers(request.constraint, after is not None, request.sampling.n))
         return _Prepared(
             inputs=inputs.to(self.model.device), prompt_tokens=prompt_tokens, opens_think_block=opens,
             sampling=request.sampling, eos_ids=self._eos_ids | set(request.sampling.stop_token_ids),
+            matchers=matchers, matcher_after=after,
         )
 
     def _check_sampling(self, sampling: SamplingParams) -> None:

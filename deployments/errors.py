@@ -73,6 +73,12 @@ class NumericalError(ServiceError):
     valid request value can cause it)."""
 
 
+class GrammarError(ServiceError):
+    """A constrained row's grammar refused the token its own mask allowed: a bug, not the request's fault."""
+
+    code = "constrained_decoding_failed"
+
+
 def error_body(error: ServiceError, request_id: str | None) -> dict:
     """The OpenAI error shape for `error`, the one place every error response (JSON, SSE event, middleware)
     is built. An unexpected error (a bare ServiceError) says only that it happened, with the request id."""

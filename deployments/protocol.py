@@ -145,8 +145,10 @@ def _check_content_size(request: ChatCompletionRequest, limits: RouterArgs) -> N
                                   f"{limits.max_content_parts}", param=f"messages.{i}.content")
         chars += sum(len(p) if isinstance(p, str) else len(p.text) for p in parts if isinstance(p, str | TextPart))
         chars += len(message.reasoning_content or "") + sum(len(c.function.arguments) for c in message.tool_calls or [])
-    # Tool definitions are rendered into the prompt too.
+    # Tool definitions are rendered into the prompt, and they and a response schema become grammars.
     chars += sum(len(tool.model_dump_json()) for tool in request.tools or [])
+    if request.response_format and request.response_format.json_schema:
+        chars += len(request.response_format.json_schema.model_dump_json())
     if chars > limits.max_text_chars:
         raise BadRequestError(f"The request has {chars} characters of text; the limit is {limits.max_text_chars}",
                               param="messages")

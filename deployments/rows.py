@@ -26,7 +26,7 @@ class Row:
     def __init__(self, inputs: dict, sampling: RowSampling, max_tokens: int, eos_ids: set[int],
                  loop: asyncio.AbstractEventLoop, deadline: float | None = None, request_id: str = "",
                  stream_interval_s: float = 0.0, logprobs: int | None = None,
-                 downsample_mode: str | None = None) -> None:
+                 downsample_mode: str | None = None, matcher=None, matcher_after: int | None = None) -> None:
         self.inputs: dict | None = inputs  # the processor's output for this request alone; dropped once prefilled
         self.prompt_ids = inputs["input_ids"][0]
         self.prompt_len = int(self.prompt_ids.shape[0])
@@ -42,6 +42,9 @@ class Row:
         self.timed_out = False
         self.alone = False  # prefill this row on its own (it failed in a group)
         self.downsample_mode = downsample_mode  # the vision tower's option for this request's images
+        # Constrained decoding: the grammar matcher of this row, enforced once `matcher_after` (the token that
+        # ends the reasoning) was sampled, or from the start when it is None.
+        self.matcher, self._matcher_after = matcher, matcher_after
         self._stop = threading.Event()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pending: list = []  # items for the consumer, handed over by `deliver`
@@ -96,6 +99,25 @@ class Row:
             item = self._queue.get_nowait()
 
     # ---- engine thread side ----
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the next token must follow the row's grammar."""
+        return self.matcher is not None and self._matcher_after is None
+
+    def follow(self, token: int) -> str | None:
+        """Advance the row's grammar by the sampled token; an error message if the grammar refuses it."""
+        if self.matcher is None:
+            return None
+        if self._matcher_after is not None:
+            if token == self._matcher_after:
+                self._matcher_after = None
+            return None
+        if self.matcher.is_stopped():  # complete: only end-of-sequence was allowed, and it ends the row
+            return None
+        if not self.matcher.consume_token(token):
+            return self.matcher.get_error() or "the token does not continue the grammar"
+        return None
 
     def add(self, token: int) -> None:
         """Record a generated token, then end the row if it is done (eos, max_tokens, cancelled, deadline)."""

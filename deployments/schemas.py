@@ -16,6 +16,7 @@ MAX_STOP_CHARS = 1000
 MAX_STOP_TOKEN_IDS = 64
 MAX_N = 128
 MAX_TOOLS = 128
+MAX_SCHEMA_DEPTH = 64
 
 
 class _Strict(BaseModel):
@@ -89,6 +90,8 @@ class FunctionDefinition(_Strict):
     parameters: dict[str, Any] | None = Field(default=None, description="The arguments' JSON schema (an object).")
     strict: bool | None = Field(default=None, description="Accepted; forced calls are always schema-valid.")
 
+    _shallow = field_validator("parameters")(lambda cls, value: _shallow_enough(value))
+
 
 class Tool(_Strict):
     type: Literal["function"]
@@ -109,6 +112,8 @@ class JSONSchemaFormat(_Strict):
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
+
+    _shallow = field_validator("schema_")(lambda cls, value: _shallow_enough(value))
 
 
 class ResponseFormat(_Strict):
@@ -257,6 +262,20 @@ class ChatCompletionRequest(BaseModel):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+def _shallow_enough(value: object) -> object:
+    """Refuse JSON nested deeper than MAX_SCHEMA_DEPTH (schemas are walked recursively downstream)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"the schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
+        stack.extend((child, depth + 1) for child in children)
+    return value
 
 
 def _surrogate_path(value: object, path: str) -> str | None:

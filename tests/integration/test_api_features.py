@@ -1,0 +1,185 @@
+"""Tools, structured output, logprobs and n through the running service, with the official OpenAI SDK.
+
+The tiny checkpoints have random weights: every structured answer checked here is valid because decoding
+enforces it, which is what these tests prove.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Tokyo", "Lima"]},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        "with_wind": {"type": "boolean"},
+    }, "required": ["city", "unit"]},
+}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "JST"]}},
+                                       "required": ["zone"]}}}
+TOOLS = [WEATHER, CLOCK]
+SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+ANSWER = {"type": "object", "properties": {
+    "mood": {"enum": ["calm", "stormy"]}, "sunny": {"type": "boolean"},
+    "scores": {"type": "array", "items": {"enum": [1, 2, 3]}, "minItems": 1, "maxItems": 3},
+}, "required": ["mood", "sunny", "scores"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def sdk(serve_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{serve_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_a_tool_round_trip_call_result_answer(sdk):
+    first = sdk.chat.completions.create(model="instruct", messages=ASK, tools=TOOLS, tool_choice="required",
+                                        max_tokens=200, temperature=1.0, seed=3)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    call = choice.message.tool_calls[0]
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    assert call.id.startswith("call_") and call.type == "function"
+
+    history = [*ASK, choice.message,  # the SDK's own message object, sent back as clients do
+               {"role": "tool", "tool_call_id": call.id, "content": "18 degrees, light rain"}]
+    answer = sdk.chat.completions.create(model="instruct", messages=history, tools=TOOLS, max_tokens=8,
+                                         extra_body={"min_tokens": 8})
+    assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 8
+    assert answer.usage.prompt_tokens > first.usage.prompt_tokens, "the call and its result are in the prompt"
+
+
+def test_a_named_tool_choice_calls_that_function_with_valid_arguments(sdk):
+    completion = sdk.chat.completions.create(
+        model="instruct", messages=ASK, tools=TOOLS, max_tokens=120,
+        tool_choice={"type": "function", "function": {"name": "get_time"}}, parallel_tool_calls=False,
+    )
+    calls = completion.choices[0].message.tool_calls
+    assert [c.function.name for c in calls] == ["get_time"]
+    jsonschema.validate(json.loads(calls[0].function.arguments), SCHEMAS["get_time"])
+
+
+def test_streamed_tool_calls_assemble_into_valid_json_arriving_in_pieces(sdk):
+    stream = sdk.chat.completions.create(model="instruct", messages=ASK, tools=[WEATHER], tool_choice="required",
+                                         parallel_tool_calls=False, max_tokens=200, stream=True)
+    pieces, finish = [], None
+    for chunk in stream:
+        for choice in chunk.choices:
+            pieces += choice.delta.tool_calls or []
+            finish = choice.finish_reason or finish
+    assert finish == "tool_calls"
+    assert pieces[0].id and pieces[0].function.name == "get_weather" and pieces[0].type == "function"
+    assert len([p for p in pieces if p.function.arguments]) >= 3, "arguments arrive one parameter at a time"
+    arguments = "".join(p.function.arguments or "" for p in pieces)
+    jsonschema.validate(json.loads(arguments), SCHEMAS["get_weather"])
+
+
+def test_tool_choice_none_and_auto_answer_with_text(sdk):
+    for choice in ("none", "auto"):
+        completion = sdk.chat.completions.create(model="instruct", messages=ASK, tools=TOOLS, tool_choice=choice,
+                                                 max_tokens=6, extra_body={"min_tokens": 6})
+        assert completion.choices[0].finish_reason == "length" and completion.choices[0].message.content
+
+
+def test_thinking_with_a_required_tool_reasons_first_then_the_call_is_enforced(sdk):
+    # The grammar starts after the model closes its reasoning; random weights rarely do within 24 tokens,
+    # so this proves the reasoning streams unconstrained and the request is served.
+    completion = sdk.chat.completions.create(model="thinking", messages=ASK, tools=TOOLS, tool_choice="required",
+                                             max_tokens=24, extra_body={"min_tokens": 24})
+    message = completion.choices[0].message
+    assert getattr(message, "reasoning_content", None)
+    assert completion.usage.completion_tokens == 24
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_json_schema_answer_validates(sdk, stream):
+    fmt = {"type": "json_schema", "json_schema": {"name": "weather", "schema": ANSWER, "strict": True}}
+    response = sdk.chat.completions.create(model="instruct", messages=ASK, response_format=fmt, max_tokens=120,
+                                           temperature=1.0, seed=8, stream=stream)
+    if stream:
+        chunks = list(response)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    else:
+        text, finish = response.choices[0].message.content, [response.choices[0].finish_reason]
+    jsonschema.validate(json.loads(text), ANSWER)
+    assert finish == ["stop"]
+
+
+def test_a_json_object_answer_starts_an_object(sdk):
+    completion = sdk.chat.completions.create(model="instruct", messages=ASK, max_tokens=30,
+                                             response_format={"type": "json_object"})
+    text = completion.choices[0].message.content
+    assert text.startswith("{")
+    if completion.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+
+
+def test_an_invalid_schema_is_a_400_naming_the_field(sdk):
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.chat.completions.create(model="instruct", messages=ASK, response_format=fmt, max_tokens=5)
+    error = info.value.body
+    assert error["code"] == "invalid_schema" and error["param"] == "response_format"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_cover_every_token_with_the_asked_alternatives(sdk, stream):
+    response = sdk.chat.completions.create(model="instruct", messages=ASK, max_tokens=7, logprobs=True,
+                                           top_logprobs=4, stream=stream, stream_options={"include_usage": True}
+                                           if stream else None, extra_body={"min_tokens": 7})
+    if stream:
+        chunks = list(response)
+        entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        tokens = chunks[-1].usage.completion_tokens
+    else:
+        entries, tokens = response.choices[0].logprobs.content, response.usage.completion_tokens
+    assert len(entries) == tokens == 7
+    for entry in entries:
+        assert len(entry.top_logprobs) == 4 and entry.logprob <= 0
+        assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6
+        assert entry.bytes == list(entry.token.encode())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices_come_from_one_request_with_summed_usage(sdk, stream):
+    response = sdk.chat.completions.create(
+        model="instruct", messages=ASK, n=3, max_tokens=5, temperature=1.0, seed=21, stream=stream,
+        stream_options={"include_usage": True} if stream else None, extra_body={"min_tokens": 5},
+    )
+    if stream:
+        chunks = list(response)
+        texts = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                 for i in range(3)}
+        usage = chunks[-1].usage
+    else:
+        texts = {c.index: c.message.content for c in response.choices}
+        usage = response.usage
+    assert sorted(texts) == [0, 1, 2] and len(set(texts.values())) == 3
+    assert usage.completion_tokens == 15
+
+
+def test_stop_token_ids_and_downsample_mode_are_accepted(sdk):
+    completion = sdk.chat.completions.create(
+        model="instruct", messages=ASK, max_tokens=5,
+        extra_body={"stop_token_ids": [3], "mm_processor_kwargs": {"downsample_mode": "4x"}},
+    )
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError):
+        sdk.chat.completions.create(model="instruct", messages=ASK, max_tokens=5,
+                                    extra_body={"mm_processor_kwargs": {"downsample_mode": "2x"}})
+
+
+def test_a_schema_nested_too_deep_is_a_400_not_a_crash(sdk):
+    schema: dict = {"type": "string"}
+    for _ in range(200):
+        schema = {"type": "object", "properties": {"a": schema}}
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.chat.completions.create(model="instruct", messages=ASK, max_tokens=5, response_format={
+            "type": "json_schema", "json_schema": {"name": "deep", "schema": schema}})
+    assert "nested more than" in info.value.body["message"]
