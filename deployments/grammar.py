@@ -100,7 +100,7 @@ class Grammars:
         tool definition the grammar engine refuses. Runs off the engine thread (compiling drops the GIL)."""
         try:
             text = grammar_text(constraint, after_reasoning)
-        except (ValueError, TypeError, KeyError) as exc:
+        except Exception as exc:  # whatever the client's schema makes the grammar builder raise is its error
             raise InvalidGrammarError(f"Invalid schema: {exc}", param=_param(constraint)) from None
         with self._lock:
             compiled = self._compiled.get(text)
@@ -111,8 +111,11 @@ class Grammars:
         return [compiled.deep_copy() for _ in range(count)]
 
     def _compile(self, text: str, constraint: Constraint) -> llguidance.LLMatcher:
-        error = llguidance.LLMatcher.validate_grammar(text, self._tokenizer)
-        matcher = None if error else llguidance.LLMatcher(self._tokenizer, text, log_level=0)
+        try:
+            error = llguidance.LLMatcher.validate_grammar(text, self._tokenizer)
+            matcher = None if error else llguidance.LLMatcher(self._tokenizer, text, log_level=0)
+        except Exception as exc:
+            error, matcher = str(exc), None
         if matcher is None or matcher.is_error():
             raise InvalidGrammarError(f"Invalid schema: {error or matcher.get_error()}", param=_param(constraint))
         with self._lock:

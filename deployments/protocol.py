@@ -209,7 +209,7 @@ class CompletionStream:
         content, calls = self._split(chunk)
         if chunk.reasoning or content or calls or logprobs or chunk.index not in self._sent_role:
             delta = DeltaMessage(content=content or None, reasoning_content=chunk.reasoning or None,
-                                 tool_calls=[_delta_call(call) for call in calls] or None)
+                                 tool_calls=_delta_calls(calls) or None)
             if chunk.index not in self._sent_role:
                 delta.role, delta.content = "assistant", content
                 self._sent_role.add(chunk.index)
@@ -272,9 +272,16 @@ def _finish_reason(reason: FinishReason, calls: int) -> FinishReason:
     return "tool_calls" if calls and reason == "stop" else reason
 
 
-def _delta_call(call: ToolCallDelta) -> DeltaToolCall:
-    return DeltaToolCall(index=call.index, id=call.id, type="function" if call.id else None,
-                         function=DeltaFunction(name=call.name, arguments=call.arguments))
+def _delta_calls(calls: list[ToolCallDelta]) -> list[DeltaToolCall]:
+    """One delta per call in an event: the pieces of a call that arrived together are joined."""
+    merged: list[DeltaToolCall] = []
+    for call in calls:
+        if merged and merged[-1].index == call.index:
+            merged[-1].function.arguments += call.arguments
+            continue
+        merged.append(DeltaToolCall(index=call.index, id=call.id, type="function" if call.id else None,
+                                    function=DeltaFunction(name=call.name, arguments=call.arguments)))
+    return merged
 
 
 def _add_usage(total: Usage | None, usage: Usage | None) -> Usage | None:

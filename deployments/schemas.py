@@ -90,7 +90,17 @@ class FunctionDefinition(_Strict):
     parameters: dict[str, Any] | None = Field(default=None, description="The arguments' JSON schema (an object).")
     strict: bool | None = Field(default=None, description="Accepted; forced calls are always schema-valid.")
 
-    _shallow = field_validator("parameters")(lambda cls, value: _shallow_enough(value))
+    @field_validator("parameters")
+    @classmethod
+    def _an_object_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return value
+        properties, required = value.get("properties", {}), value.get("required", [])
+        if not isinstance(properties, dict) or not all(isinstance(p, dict) for p in properties.values()):
+            raise ValueError("'properties' must map each parameter name to its schema (an object)")
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise ValueError("'required' must be a list of parameter names")
+        return _shallow_enough(value)
 
 
 class Tool(_Strict):

@@ -74,7 +74,7 @@ def test_streamed_tool_calls_assemble_into_valid_json_arriving_in_pieces(sdk):
             finish = choice.finish_reason or finish
     assert finish == "tool_calls"
     assert pieces[0].id and pieces[0].function.name == "get_weather" and pieces[0].type == "function"
-    assert len([p for p in pieces if p.function.arguments]) >= 3, "arguments arrive one parameter at a time"
+    assert len([p for p in pieces if p.function.arguments]) >= 2, "arguments arrive in pieces, not at the end"
     arguments = "".join(p.function.arguments or "" for p in pieces)
     jsonschema.validate(json.loads(arguments), SCHEMAS["get_weather"])
 

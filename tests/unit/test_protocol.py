@@ -126,3 +126,68 @@ async def test_router_limits_on_messages_and_max_tokens():
         await to_generation_request(request(max_tokens=51), False, "r", limits, no_media)
     assert info.value.param == "max_tokens"
     assert (await to_generation_request(request(max_tokens=50), False, "r", limits, no_media)).sampling.max_tokens == 50
+
+
+# ---------------------------------------------------------------------------- tools, response formats, n
+
+
+def tool(name: str = "f", **parameters) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object", **parameters}}}
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"tools": [tool(properties=[])]}, "'properties' must map"),
+    ({"tools": [tool(properties={"a": 3})]}, "'properties' must map"),
+    ({"tools": [tool(required="a")]}, "'required' must be a list"),
+    ({"tools": [tool("bad name!")]}, "pattern"),
+    ({"tools": [tool(), tool()]}, "unique"),
+    ({"tool_choice": "required"}, "requires tools"),
+    ({"tools": [tool()], "tool_choice": {"type": "function", "function": {"name": "g"}}}, "not among the tools"),
+    ({"tools": [tool()], "tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot be combined"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "1", "function": {"name": "f", "arguments": "[1]"}}]}, {"role": "user", "content": "go"}]},
+     "must be a JSON object"),
+    ({"messages": [{"role": "user", "content": "hi", "tool_calls": [
+        {"id": "1", "function": {"name": "f", "arguments": "{}"}}]}]}, "only assistant messages"),
+])
+async def test_malformed_tool_requests_are_refused_with_a_reason(fields, message):
+    with pytest.raises((BadRequestError, ValueError), match=message):
+        await to_generation_request(request(**fields), False, "r", RouterArgs(default_max_tokens=10), no_media)
+
+
+@pytest.mark.parametrize("fields, kind", [
+    ({"tools": [tool()], "tool_choice": "required"}, "tool_calls"),
+    ({"tools": [tool(), tool("g")], "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_calls"),
+    ({"tools": [tool()]}, None),
+    ({"tools": [tool()], "tool_choice": "none", "response_format": {"type": "json_object"}}, "json_object"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+     "json_schema"),
+    ({"response_format": {"type": "text"}}, None),
+])
+async def test_the_constraint_follows_tool_choice_then_response_format(fields, kind):
+    generation = await to_generation_request(request(**fields), False, "r", RouterArgs(default_max_tokens=10),
+                                             no_media)
+    assert (generation.constraint.kind if generation.constraint else None) == kind
+    if fields.get("tool_choice", {}) == {"type": "function", "function": {"name": "g"}}:
+        assert [t["name"] for t in generation.constraint.tools] == ["g"]
+    assert (generation.tools is None) == (fields.get("tool_choice") == "none" or "tools" not in fields)
+
+
+async def test_a_stream_of_n_choices_with_a_tool_call_and_reasoning_renders_per_choice():
+    stream = CompletionStream("id", "m", include_usage=True, n=2, tools=[{"name": "f", "parameters": {}}])
+    events = [
+        *stream.events(Chunk(reasoning="thinking...", index=1)),
+        *stream.events(Chunk(content="<tool_call>\n<function=f>\n</function>\n</tool_call>", index=1)),
+        *stream.events(Chunk(content="plain", index=0)),
+        *stream.events(Chunk(finish_reason="stop", usage=Usage(5, 3), index=1)),
+        *stream.events(Chunk(finish_reason="length", usage=Usage(5, 4), index=0)),
+    ]
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events]
+    deltas = {i: [p["choices"][0] for p in payloads if p["choices"] and p["choices"][0]["index"] == i] for i in (0, 1)}
+    assert deltas[1][0]["delta"] == {"role": "assistant", "content": "", "reasoning_content": "thinking..."}
+    call = deltas[1][1]["delta"]["tool_calls"][0]
+    assert call["function"] == {"name": "f", "arguments": "{}"} and call["id"].startswith("call_")
+    assert deltas[1][-1]["finish_reason"] == "tool_calls" and deltas[0][-1]["finish_reason"] == "length"
+    assert deltas[0][0]["delta"] == {"role": "assistant", "content": "plain"}
+    assert payloads[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+    assert sum(1 for p in payloads if "usage" in p) == 1
