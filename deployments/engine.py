@@ -131,24 +131,10 @@ class Engine:
                 pass
 
     def prepare(self, request: GenerationRequest) -> _Prepared:
-        """Render and tokenize the prompt (and process images/videos); check the context fits."""
-        messages, videos = _to_hf_messages(request.messages, self._control_texts)
-        kwargs = {}
-        if videos:
-            kwargs["processor_kwargs"] = {"video_metadata": [_metadata(v) for v in videos], "do_sample_frames": False}
-        if request.downsample_mode:
-            kwargs.setdefault("processor_kwargs", {})["downsample_mode"] = request.downsample_mode
+        """Render and tokenize the prompt (and process images/videos); check the context fits and the sampling
+        values; build the grammar matchers of a constrained request. Raises BadRequestError subclasses."""
         self._check_sampling(request.sampling)
-        if request.tools:
-            kwargs["tools"] = [{"type": "function", "function": defuse_all(tool, self._control_texts)}
-                               for tool in request.tools]
-        try:
-            inputs = self.processor.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-                enable_thinking=request.enable_thinking, **kwargs,
-            )
-        except jinja2.TemplateError as exc:  # the template refuses the conversation (its own message)
-            raise BadRequestError(f"The chat template refused the conversation: {exc}", param="messages") from None
+        inputs = self._render(request)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         max_tokens = request.sampling.max_tokens
         if prompt_tokens + max_tokens > self.max_model_len:
@@ -168,6 +154,22 @@ class Engine:
             sampling=request.sampling, eos_ids=self._eos_ids | set(request.sampling.stop_token_ids),
             matchers=matchers, matcher_after=after,
         )
+
+    def _render(self, request: GenerationRequest):
+        """The processor's output for the conversation (client text defused) with its tools and media options."""
+        messages, videos = _to_hf_messages(request.messages, self._control_texts)
+        processor_kwargs = {"downsample_mode": request.downsample_mode} if request.downsample_mode else {}
+        if videos:
+            processor_kwargs |= {"video_metadata": [_metadata(v) for v in videos], "do_sample_frames": False}
+        tools = [{"type": "function", "function": defuse_all(tool, self._control_texts)} for tool in request.tools or []]
+        try:
+            return self.processor.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+                enable_thinking=request.enable_thinking, tools=tools or None,
+                **({"processor_kwargs": processor_kwargs} if processor_kwargs else {}),
+            )
+        except jinja2.TemplateError as exc:  # the template refuses the conversation (its own message)
+            raise BadRequestError(f"The chat template refused the conversation: {exc}", param="messages") from None
 
     def _check_sampling(self, sampling: SamplingParams) -> None:
         vocab = self.model.config.get_text_config().vocab_size
