@@ -123,7 +123,7 @@ class Row:
         """Record a generated token, then end the row if it is done (eos, max_tokens, cancelled, deadline)."""
         self.tokens.append(token)
         self._pending.append(token)
-        if token in self.eos_ids and self.generated >= self.sampling.min_tokens:
+        if token in self.eos_ids and (self.generated >= self.sampling.min_tokens or self.matcher is not None):
             self.end()
         elif self.generated >= self.max_tokens or self.cancelled:
             self.end()
