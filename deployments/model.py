@@ -51,5 +51,7 @@ class ModelDeployment:
         return self.engine.running
 
     def process_info(self) -> dict:
-        """This replica's process id and resident memory, for operators and fault tests."""
-        return {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, "running": self.engine.running}
+        """This replica's process id, resident memory, running sequences and the rows in its batch after each
+        of the last 100 admissions, for operators and tests."""
+        return {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, "running": self.engine.running,
+                "batch_sizes": list(self.engine.core.batch_sizes)}

@@ -4,7 +4,6 @@ together, rows that join a running batch, rows that leave it."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 from PIL import Image
@@ -14,6 +13,7 @@ from deployments.engine import Engine
 from deployments.rows import Row
 from deployments.sampling import RowSampling
 from deployments.types import ChatMessage, GenerationRequest, SamplingParams
+from tests.waiting import wait_until_async
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +48,26 @@ async def run(engine: Engine, request: GenerationRequest) -> tuple[str, list]:
     return "".join(c.content for c in chunks), chunks
 
 
-async def test_batched_greedy_outputs_equal_each_request_run_alone(batched, one_at_a_time):
-    alone = [await run(one_at_a_time, r) for r in requests()]
+def plain_generate(engine: Engine, request: GenerationRequest) -> tuple[str, int]:
+    """The reference: the processor and `model.generate` alone, greedy (text, prompt tokens)."""
+    parts = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image", "image": p}
+             for p in request.messages[0].content]
+    inputs = engine.processor.apply_chat_template(
+        [{"role": "user", "content": parts}], add_generation_prompt=True, tokenize=True, return_dict=True,
+        return_tensors="pt", enable_thinking=False)
+    tokens = request.sampling.max_tokens
+    out = engine.model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    prompt = inputs["input_ids"].shape[1]
+    return engine.tokenizer.decode(out[0, prompt:], skip_special_tokens=True), prompt
+
+
+async def test_batched_greedy_outputs_equal_plain_generate_run_alone(batched):
+    reference = [plain_generate(batched, r) for r in requests()]
     together = await asyncio.gather(*(run(batched, r) for r in requests()))
     assert batched.core.batch_sizes[-1] == 5, "all five requests ran in one batch"
-    assert [text for text, _ in together] == [text for text, _ in alone]
-    assert [c[-1].usage for _, c in together] == [c[-1].usage for _, c in alone]
+    assert [text for text, _ in together] == [text for text, _ in reference]
+    assert [c[-1].usage.prompt_tokens for _, c in together] == [prompt for _, prompt in reference]
+    assert all(c[-1].usage.completion_tokens == 12 for _, c in together)
 
 
 async def test_seeded_sampling_in_a_batch_matches_the_same_request_alone(batched, one_at_a_time):
@@ -105,18 +119,15 @@ async def test_cancelling_one_row_leaves_the_others_running(batched):
     results = await asyncio.gather(read_a_little(), *(run(batched, r) for r in rows))
     assert batched.core.batch_sizes[-1] == 3
     assert [chunks[-1].usage.completion_tokens for _, chunks in results[1:]] == [40, 40]
-    deadline = time.monotonic() + 2
-    while batched.running and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    assert batched.running == 0
+    await wait_until_async(lambda: batched.running == 0, what="the cancelled row to leave")
 
 
 async def test_a_batch_of_one_still_streams_token_by_token(one_at_a_time):
-    request = GenerationRequest([ChatMessage("user", ["stream"])], False, SamplingParams(max_tokens=30, min_tokens=30))
-    arrivals = []
+    request = GenerationRequest([ChatMessage("user", ["stream"])], False, SamplingParams(max_tokens=200, min_tokens=200))
+    still_running = []  # at each chunk's arrival: is the row still generating?
     async for chunk in one_at_a_time.stream(request):
-        arrivals.append(time.monotonic())
-    assert len(arrivals) >= 10 and arrivals[-1] - arrivals[0] > 0
+        still_running.append(one_at_a_time.running == 1)
+    assert len(still_running) >= 10 and all(still_running[:3]), "chunks must arrive while the row generates"
     both = await asyncio.gather(*(run(one_at_a_time, request) for _ in range(2)))
     assert one_at_a_time.core.batch_sizes[-2:] == [1, 1]
     assert both[0][0] == both[1][0]

@@ -187,20 +187,19 @@ def test_malformed_media_part_is_400(client, part):
 def test_server_keeps_serving_after_a_burst_of_bad_media(client):
     png = image_bytes("PNG", (200, 200))
     mkv = video_bytes("mkv")
-    bad = [
-        [image(data_url(png[:100], "image/png"))],
-        [image(data_url(image_bytes("TIFF"), "image/tiff"))],
-        [image("data:image/png;base64,@@@")],
-        [image("/etc/hostname")],
-        [image("http://127.0.0.1:1/x.png")],
-        [image("ftp://example.com/x.png")],
-        [video(data_url(b"not a video at all", "video/mp4"))],
-        [video(data_url(mkv[: len(mkv) // 2], "video/x-matroska"))],
-        [{"type": "image_url"}],
+    bad = [  # each with the error code it must get
+        ([image(data_url(png[:100], "image/png"))], "invalid_media"),
+        ([image(data_url(image_bytes("TIFF"), "image/tiff"))], "invalid_media"),
+        ([image("data:image/png;base64,@@@")], "invalid_media"),
+        ([image("/etc/hostname")], "media_refused"),
+        ([image("http://127.0.0.1:1/x.png")], "media_refused"),
+        ([image("ftp://example.com/x.png")], "media_refused"),
+        ([video(data_url(b"not a video at all", "video/mp4"))], "invalid_media"),
+        ([video(data_url(mkv[: len(mkv) // 2], "video/x-matroska"))], "invalid_media"),
+        ([{"type": "image_url"}], "invalid_request"),
     ]
-    for content in bad:
-        response = chat(client, [*content, text()])
-        assert response.status_code == 400, (content, response.text)
+    codes = [error_of(chat(client, [*content, text()]))["code"] for content, _ in bad]
+    assert codes == [code for _, code in bad]
     assert prompt_tokens(chat(client, [image(PNG_URL), text()])) > 0
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from tests.integration.conftest import FULL_APP
 from tests.integration.test_service import CHAT, HELLO
+from tests.waiting import wait_until
 
 _SAMPLE = re.compile(r'^(\w+)\{(.*)\} ([0-9.eE+-]+)$')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -77,16 +78,15 @@ def traffic(client, metrics_port):
         for _ in range(4):
             next(lines)
     assert client.post(CHAT, json={"messages": HELLO, "temperature": 9}).status_code == 400
-    expected_ok = 2
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+
+    def all_counted() -> dict | None:
         after = scrape(metrics_port)
-        if value(after, "ray_minicpm_requests_total") - value(before, "ray_minicpm_requests_total") >= 4 and \
-                value(after, "ray_minicpm_requests_total", status="ok") - \
-                value(before, "ray_minicpm_requests_total", status="ok") >= expected_ok:
-            break
-        time.sleep(0.5)
-    return before, after, usage
+        counted = value(after, "ray_minicpm_requests_total") - value(before, "ray_minicpm_requests_total")
+        ok = value(after, "ray_minicpm_requests_total", status="ok") - \
+            value(before, "ray_minicpm_requests_total", status="ok")
+        return after if counted >= 4 and ok >= 2 else None
+
+    return before, wait_until(all_counted, timeout=60, interval=0.5, what="the four requests' metrics"), usage
 
 
 def delta(traffic, name: str, **labels) -> float:
@@ -123,15 +123,17 @@ def test_media_decode_time_is_recorded_by_kind(traffic):
 
 
 @pytest.mark.parametrize("gauge", ["ray_minicpm_active_streams", "ray_minicpm_batch_rows"])
-def test_replica_gauges_exist_per_variant_and_return_to_zero(traffic, metrics_port, gauge):
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        samples = scrape(metrics_port)
-        names = {(n, dict(k).get("variant")) for n, k in samples}
-        if {(gauge, "instruct"), (gauge, "thinking")} <= names and value(samples, gauge) == 0:
-            return
-        time.sleep(0.5)
-    pytest.fail(f"{gauge} did not settle at 0 for both variants")
+def test_replica_gauges_count_a_running_stream_then_return_to_zero(traffic, client, metrics_port, gauge):
+    with client.stream("POST", CHAT, json={"model": "instruct", "messages": HELLO, "stream": True,
+                                           "max_tokens": 3000, "min_tokens": 3000}) as response:
+        lines = response.iter_lines()
+        next(lines)
+        wait_until(lambda: value(scrape(metrics_port), gauge, variant="instruct") >= 1, timeout=60, interval=0.3,
+                   what=f"{gauge} to count the running stream")
+    wait_until(lambda: value(scrape(metrics_port), gauge, variant="instruct") == 0, timeout=60, interval=0.3,
+               what=f"{gauge} to return to 0")
+    names = {(n, dict(k).get("variant")) for n, k in scrape(metrics_port)}
+    assert {(gauge, "instruct"), (gauge, "thinking")} <= names
 
 
 def serve_logs(pattern: str) -> str:
@@ -146,12 +148,12 @@ def test_request_id_round_trips_and_reaches_router_and_replica_logs(client):
     response = client.post(CHAT, json={"model": "instruct", "messages": HELLO, "max_tokens": 3},
                            headers={"X-Request-Id": request_id})
     assert response.headers["x-request-id"] == request_id and response.json()["id"] == request_id
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def both_logged() -> tuple[str, str] | None:
         router, replica = serve_logs(f"replica_{FULL_APP}_router_*.log"), serve_logs(f"replica_{FULL_APP}_instruct_*.log")
-        if f"Request {request_id} finished" in router and request_id in replica:
-            break
-        time.sleep(0.3)
+        return (router, replica) if f"Request {request_id} finished" in router and request_id in replica else None
+
+    router, replica = wait_until(both_logged, timeout=60, interval=0.3, what="the router's and replica's log lines")
     line = next(line for line in router.splitlines() if f"Request {request_id} finished" in line)
     assert "variant=instruct" in line and "status=ok" in line and "completion_tokens=3" in line and "ttft_s=" in line
     assert f"Request {request_id} generated" in replica

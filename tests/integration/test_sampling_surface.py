@@ -3,7 +3,6 @@ stop_token_ids and the vision downsample mode. References are plain `model.gener
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from deployments.config import ModelConfig
 from deployments.engine import Engine
 from deployments.errors import BadRequestError
 from deployments.types import ChatMessage, Chunk, GenerationRequest, SamplingParams
+from tests.waiting import wait_until_async
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +95,7 @@ async def test_cancelling_an_n_request_stops_every_sequence(engine):
         if chunk.content:
             break
     await stream.aclose()
-    for _ in range(2000):
-        if engine.running == 0:
-            break
-        await asyncio.sleep(0.005)
-    assert engine.running == 0
+    await wait_until_async(lambda: engine.running == 0, what="every sequence to stop")
 
 
 # ---------------------------------------------------------------------------- logprobs

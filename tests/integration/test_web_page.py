@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from tests.integration.conftest import FULL_APP, running_generations
+from tests.waiting import wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parents[2] / ".artifacts"
@@ -118,10 +118,7 @@ def test_stop_ends_generation_on_the_server(page):
     page.click("#stop")
     wait_done(page, timeout_ms=5000)
     assert "finish: stopped" in page.locator(".msg.assistant .meta").last.text_content()
-    deadline = time.monotonic() + 5
-    while running_generations(FULL_APP, "instruct") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert running_generations(FULL_APP, "instruct") == 0
+    wait_until(lambda: running_generations(FULL_APP, "instruct") == 0, what="the replica to stop generating")
 
 
 def test_regenerate_replaces_the_last_answer_and_clear_empties(page):

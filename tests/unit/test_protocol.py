@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -75,8 +74,12 @@ async def test_unsupported_parameters_are_refused_by_name(fields, param):
     assert info.value.param == param
 
 
-async def test_neutral_values_of_unsupported_parameters_are_accepted():
-    await to_generation_request(request(logprobs=False, tools=None, presence_penalty=0), False, "r", RouterArgs(default_max_tokens=10), no_media)
+async def test_neutral_values_of_unsupported_parameters_are_accepted_and_change_nothing():
+    neutral = request(logprobs=False, tools=None, presence_penalty=0, frequency_penalty=0, logit_bias=None,
+                      functions=None)
+    args = RouterArgs(default_max_tokens=10)
+    assert await to_generation_request(neutral, False, "r", args, no_media) == \
+        await to_generation_request(request(), False, "r", args, no_media)
 
 
 async def test_last_message_from_assistant_and_min_over_max_are_refused():
