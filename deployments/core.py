@@ -83,6 +83,9 @@ class EngineCore:
         self._queued: deque[Family] = deque()  # admitted, not yet prefilled
         self._prefill: _Prefill | None = None
         self.batch_sizes: list[int] = []  # rows in the batch after each admission (last 100)
+        self.decode_steps = 0
+        self.cancel_lags: deque[int] = deque(maxlen=100)  # decode steps from a row's cancel to its leaving
+        self.cancelled_rows = 0  # rows cancelled while generating, in all
         self.last_progress = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="engine-core", daemon=True)
         self._thread.start()
@@ -268,6 +271,7 @@ class EngineCore:
 
     def _decode_step(self) -> None:
         self._mark_progress()
+        self.decode_steps += 1
         rows = len(self._rows)
         try:
             positions, mask = self.cache.begin_step(rows)
@@ -348,6 +352,9 @@ class EngineCore:
         for slot in reversed(range(len(self._rows))):
             if not self._rows[slot].finished:
                 continue
+            if self._rows[slot].cancel_step is not None:
+                self.cancel_lags.append(self.decode_steps - self._rows[slot].cancel_step)
+                self.cancelled_rows += 1
             last = len(self._rows) - 1
             if slot != last:
                 self.cache.move(last, slot)

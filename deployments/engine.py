@@ -95,7 +95,7 @@ class Engine:
         finally:
             # Reached on normal end, on error, and when the consumer cancels or closes us.
             for row in rows:
-                row.cancel()
+                row.cancel(at_step=self.core.decode_steps)
 
     def _row(self, prepared: _Prepared, request: GenerationRequest, index: int) -> Row:
         """The row of sequence `index`; the n sequences of a seeded request draw from seeds seed, seed+1, ..."""

@@ -51,7 +51,9 @@ class ModelDeployment:
         return self.engine.running
 
     def process_info(self) -> dict:
-        """This replica's process id, resident memory, running sequences and the rows in its batch after each
-        of the last 100 admissions, for operators and tests."""
+        """This replica's process id, resident memory, running sequences, the rows in its batch after each of
+        the last 100 admissions and, for the last 100 rows cancelled while generating, the decode steps each
+        took to leave the batch; for operators and tests."""
         return {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, "running": self.engine.running,
-                "batch_sizes": list(self.engine.core.batch_sizes)}
+                "batch_sizes": list(self.engine.core.batch_sizes), "cancel_lags": list(self.engine.core.cancel_lags),
+                "cancelled_rows": self.engine.core.cancelled_rows}

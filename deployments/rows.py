@@ -39,6 +39,7 @@ class Row:
         self.want_logprobs = logprobs
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.finished = False
+        self.cancel_step: int | None = None  # the engine's decode step count when a running row was cancelled
         self.timed_out = False
         self.alone = False  # prefill this row on its own (it failed in a group)
         self.downsample_mode = downsample_mode  # the vision tower's option for this request's images
@@ -59,8 +60,11 @@ class Row:
 
     # ---- event loop side ----
 
-    def cancel(self) -> None:
-        """Stop generating this row (thread-safe; takes effect within one decode step)."""
+    def cancel(self, at_step: int | None = None) -> None:
+        """Stop generating this row (thread-safe; takes effect within one decode step). `at_step`: the engine's
+        decode step count now, for measuring how many steps the row takes to leave."""
+        if at_step is not None and not self.finished and not self.cancelled:
+            self.cancel_step = at_step
         self._stop.set()
 
     @property

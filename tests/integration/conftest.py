@@ -5,10 +5,13 @@ from __future__ import annotations
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.waiting import wait_until
 
 FULL_APP = "minicpm"
 SINGLE_APP = "single"
@@ -116,3 +119,26 @@ def running_generations(app: str, deployment: str) -> int:
 
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(ask).result()
+
+
+def process_info(app: str, deployment: str) -> dict:
+    """The replica's `process_info()`: pid, memory, batch sizes, cancellation lags (see ModelDeployment)."""
+    from ray import serve
+
+    def ask() -> dict:
+        return serve.get_deployment_handle(deployment, app_name=app).process_info.remote().result()
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(ask).result()
+
+
+@contextmanager
+def one_cancellation(app: str, deployment: str) -> Iterator[None]:
+    """Asserts that the block cancels exactly one generating row on the replica, and that the row left the batch
+    within one decode step of the cancellation reaching the replica (waits for the replica to go idle)."""
+    before = process_info(app, deployment)["cancelled_rows"]
+    yield
+    wait_until(lambda: running_generations(app, deployment) == 0, what=f"{app}/{deployment} to stop generating")
+    info = process_info(app, deployment)
+    assert info["cancelled_rows"] == before + 1, "exactly one generating row was cancelled"
+    assert info["cancel_lags"][-1] <= 1, f"the row took {info['cancel_lags'][-1]} decode steps to leave"

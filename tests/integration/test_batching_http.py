@@ -11,9 +11,9 @@ import torch
 
 from deployments import checkpoint
 from deployments.presets import ensure_preset
-from tests.integration.conftest import SINGLE_APP
+from tests.integration.conftest import SINGLE_APP, process_info
 from tests.integration.test_hostile import answered
-from tests.integration.test_reliability import process_info, wait_idle
+from tests.integration.test_reliability import wait_idle
 from tests.integration.test_service import CHAT
 
 PROMPTS = ["Tell me about rivers", "What is a prime number?", "Write a haiku about snow", "Name three birds",

@@ -286,6 +286,7 @@ async def test_closing_the_stream_stops_generation(long_context):
     assert all(c.finish_reason is None for c in received)
     assert stopped_at < 250, f"{stopped_at} tokens generated for a stream closed after 3 chunks"
     assert stopped_at - at_close <= 3, "generation must stop within a decode step or two of the close"
+    assert engine.core.cancel_lags[-1] <= 1, "the row leaves at the first decode step after its cancel"
 
 
 async def test_cancelling_the_consumer_task_stops_generation(long_context):

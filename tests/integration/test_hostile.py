@@ -14,8 +14,7 @@ from PIL import Image, PngImagePlugin
 
 import httpx
 
-from tests.integration.conftest import SECURE_KEY, SINGLE_APP, running_generations
-from tests.integration.test_reliability import wait_idle
+from tests.integration.conftest import SECURE_KEY, SINGLE_APP, one_cancellation, running_generations
 from tests.integration.test_service import CHAT
 
 KEY = {"Authorization": f"Bearer {SECURE_KEY}"}
@@ -172,7 +171,8 @@ def test_header_and_body_carry_the_same_request_id_whatever_the_client_sent(clie
 def test_a_client_that_leaves_a_non_streaming_request_stops_its_generation(serve_url):
     """3900 tokens take the tiny model 15 s or more on this kind of machine; the row must go within 6 s."""
     body = {"messages": [{"role": "user", "content": "long"}], "max_tokens": 3900, "min_tokens": 3900}
-    with httpx.Client(base_url=serve_url, timeout=httpx.Timeout(30, read=4.0)) as leaving, \
+    with one_cancellation(SINGLE_APP, "instruct"), \
+            httpx.Client(base_url=serve_url, timeout=httpx.Timeout(30, read=4.0)) as leaving, \
             ThreadPoolExecutor(1) as pool:
         request = pool.submit(leaving.post, f"/single{CHAT}", json=body)
         generating = False
@@ -181,7 +181,6 @@ def test_a_client_that_leaves_a_non_streaming_request_stops_its_generation(serve
         assert generating, "precondition: it was generating before the client left"
         with pytest.raises(httpx.ReadTimeout):
             request.result()
-    wait_idle(SINGLE_APP, "instruct")
 
 
 def test_the_service_still_answers_after_all_of_it(client):

@@ -14,19 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.integration.conftest import FULL_APP, SINGLE_APP, running_generations
+from tests.integration.conftest import FULL_APP, SINGLE_APP, process_info, running_generations
 from tests.integration.test_service import CHAT, HELLO
 from tests.waiting import wait_until
-
-
-def process_info(app: str, deployment: str) -> dict:
-    from ray import serve
-
-    def ask() -> dict:
-        return serve.get_deployment_handle(deployment, app_name=app).process_info.remote().result()
-
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(ask).result()
 
 
 def wait_idle(app: str, deployment: str, seconds: float = 60) -> None:

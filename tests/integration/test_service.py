@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import FULL_APP, SINGLE_APP, running_generations
+from tests.integration.conftest import FULL_APP, SINGLE_APP, one_cancellation, running_generations
 from tests.waiting import wait_until
 
 CHAT = "/v1/chat/completions"
@@ -161,14 +161,14 @@ def test_openai_sdk_streams_and_non_streams_unchanged(serve_url):
     assert any(getattr(c.choices[0].delta, "reasoning_content", None) for c in chunks if c.choices)
 
 
-def test_client_disconnect_stops_generation_on_the_replica(client):
-    with client.stream("POST", CHAT, json={"model": "instruct", "messages": HELLO, "stream": True,
-                                           "max_tokens": 3000, "min_tokens": 3000}) as response:
-        lines = response.iter_lines()
-        for _ in range(6):
-            next(lines)
-        assert running_generations(FULL_APP, "instruct") == 1
-    wait_until(lambda: running_generations(FULL_APP, "instruct") == 0, what="the replica to stop generating")
+def test_client_disconnect_stops_generation_on_the_replica_within_a_decode_step(client):
+    with one_cancellation(FULL_APP, "instruct"):
+        with client.stream("POST", CHAT, json={"model": "instruct", "messages": HELLO, "stream": True,
+                                               "max_tokens": 3000, "min_tokens": 3000}) as response:
+            lines = response.iter_lines()
+            for _ in range(6):
+                next(lines)
+            assert running_generations(FULL_APP, "instruct") == 1, "precondition: it is generating"
 
 
 def test_overload_gives_503_with_retry_after_not_a_broken_200(serve_url):

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import FULL_APP, running_generations
-from tests.waiting import wait_until
+from tests.integration.conftest import FULL_APP, one_cancellation, running_generations
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parents[2] / ".artifacts"
@@ -112,13 +111,14 @@ def test_attached_image_is_previewed_and_sent(page, tmp_path):
     assert page.locator(".error").count() == 0
 
 
-def test_stop_ends_generation_on_the_server(page):
-    send(page, "go on forever", max_tokens=3000)
-    page.wait_for_function("document.querySelector('.msg.assistant .answer').textContent.length > 20")
-    page.click("#stop")
-    wait_done(page, timeout_ms=5000)
+def test_stop_ends_generation_on_the_server_within_a_decode_step(page):
+    with one_cancellation(FULL_APP, "instruct"):
+        send(page, "go on forever", max_tokens=3000)
+        page.wait_for_function("document.querySelector('.msg.assistant .answer').textContent.length > 20")
+        assert running_generations(FULL_APP, "instruct") == 1, "precondition: it is generating"
+        page.click("#stop")
+        wait_done(page, timeout_ms=30000)
     assert "finish: stopped" in page.locator(".msg.assistant .meta").last.text_content()
-    wait_until(lambda: running_generations(FULL_APP, "instruct") == 0, what="the replica to stop generating")
 
 
 def test_regenerate_replaces_the_last_answer_and_clear_empties(page):
