@@ -163,3 +163,18 @@ def test_request_id_round_trips_and_reaches_router_and_replica_logs(client):
 def test_error_bodies_carry_the_request_id(client):
     response = client.post(CHAT, json={"model": "nope", "messages": HELLO}, headers={"X-Request-Id": "err-77"})
     assert response.json()["error"]["request_id"] == "err-77"
+
+
+def test_every_series_the_dashboard_queries_exists_in_a_live_scrape(traffic, metrics_port):
+    dashboard = (Path(__file__).resolve().parents[2] / "observability" / "grafana-dashboard.json").read_text()
+    queried = set(re.findall(r"ray_minicpm_\w+", dashboard))
+    scraped = {name for name, _ in scrape(metrics_port)}
+    assert queried and queried <= scraped, f"queried but never exported: {sorted(queried - scraped)}"
+
+
+@pytest.mark.parametrize("sent", ["has spaces in it", "x" * 300, 'semi;colon"quote'])
+def test_any_request_id_is_used_as_sent_in_header_and_body_alike(client, sent):
+    response = client.post(CHAT, json={"model": "instruct", "messages": HELLO, "max_tokens": 2},
+                           headers={"X-Request-Id": sent})
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == response.json()["id"] == sent

@@ -30,3 +30,17 @@ def test_dashboard_is_valid_json_with_titled_panels():
     dashboard = json.loads(DASHBOARD.read_text())
     assert all(panel["title"] and panel["targets"] for panel in dashboard["panels"])
     assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def test_every_dashboard_query_is_valid_promql():
+    """Grafana's variables replaced by values of their kind, each panel query must parse as PromQL (the parser
+    also refuses type errors, such as rate() of an instant vector)."""
+    import promql_parser
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert queries
+    for query in queries:
+        concrete = query.replace("$__rate_interval", "5m").replace("$application", "minicpm")
+        assert "$" not in concrete, f"an unhandled Grafana variable in {query}"
+        promql_parser.parse(concrete)  # raises on a syntax or type error
