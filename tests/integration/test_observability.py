@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import io
 import re
 import time
@@ -178,3 +179,37 @@ def test_any_request_id_is_used_as_sent_in_header_and_body_alike(client, sent):
                            headers={"X-Request-Id": sent})
     assert response.status_code == 200
     assert response.headers["x-request-id"] == response.json()["id"] == sent
+
+
+def test_with_json_encoding_every_log_line_parses_and_the_request_id_is_on_its_lines(serve_url):
+    from ray import serve
+
+    from deployments.config import AppArgs
+    from serve_app import build_app
+    from tests.integration.conftest import app_args
+
+    # The session's other apps hold 3.5 of the cluster's 4 CPUs: this one asks for little.
+    args = app_args(thinking=None, router={"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}})
+    args["instruct"]["deployment"] = {**args["instruct"]["deployment"], "ray_actor_options": {"num_cpus": 0.2}}
+    serve.run(build_app(AppArgs.model_validate(args)), name="jsonlog", route_prefix="/jsonlog",
+              logging_config={"encoding": "JSON"})
+    try:
+        request_id = f"json-{uuid.uuid4().hex[:12]}"
+        with httpx.Client(base_url=serve_url, timeout=60) as http:
+            response = http.post(f"/jsonlog{CHAT}", json={"messages": HELLO, "max_tokens": 3},
+                                 headers={"X-Request-Id": request_id})
+        assert response.status_code == 200
+
+        def logged() -> list[dict] | None:
+            lines = serve_logs("replica_jsonlog_*.log").splitlines()
+            records = [json.loads(line) for line in lines if line.strip()]  # every line must parse
+            mine = [r for r in records if r.get("request_id") == request_id]
+            # Serve names a deployment "<application>_<deployment>" in its records.
+            return records if {r.get("deployment") for r in mine} >= {"jsonlog_router", "jsonlog_instruct"} else None
+
+        records = wait_until(logged, timeout=60, interval=0.5, what="JSON log lines with the request id")
+        mine = [r for r in records if r.get("request_id") == request_id]
+        assert any(f"Request {request_id} finished" in r["message"] for r in mine)
+        assert any(f"Request {request_id} generated" in r["message"] for r in mine)
+    finally:
+        serve.delete("jsonlog")
