@@ -257,12 +257,12 @@ class ChatCompletionRequest(BaseModel):
         for i, message in enumerate(self.messages):
             for call in message.tool_calls or []:
                 try:
-                    arguments = json.loads(call.function.arguments)
-                except ValueError:
+                    arguments = _shallow_enough(json.loads(call.function.arguments))
+                except (ValueError, RecursionError):  # not JSON, or nested past what is walked downstream
                     arguments = None
                 if not isinstance(arguments, dict):
-                    raise BadRequestError(f"messages.{i}: tool call arguments must be a JSON object",
-                                          param=f"messages.{i}.tool_calls")
+                    raise BadRequestError(f"messages.{i}: tool call arguments must be a JSON object nested at most "
+                                          f"{MAX_SCHEMA_DEPTH} levels", param=f"messages.{i}.tool_calls")
 
     @property
     def uses_tools(self) -> bool:

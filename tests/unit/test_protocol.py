@@ -150,6 +150,12 @@ def tool(name: str = "f", **parameters) -> dict:
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
         {"id": "1", "function": {"name": "f", "arguments": "[1]"}}]}, {"role": "user", "content": "go"}]},
      "must be a JSON object"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "1", "function": {"name": "f", "arguments": '{"a":' + "[" * 5000 + "]" * 5000 + "}"}}]},
+        {"role": "user", "content": "go"}]}, "nested at most"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "1", "function": {"name": "f", "arguments": '{"a":' + "[" * 100 + "]" * 100 + "}"}}]},
+        {"role": "user", "content": "go"}]}, "nested at most"),
     ({"messages": [{"role": "user", "content": "hi", "tool_calls": [
         {"id": "1", "function": {"name": "f", "arguments": "{}"}}]}]}, "only assistant messages"),
 ])
