@@ -171,9 +171,20 @@ def test_client_disconnect_stops_generation_on_the_replica_within_a_decode_step(
             assert running_generations(FULL_APP, "instruct") == 1, "precondition: it is generating"
 
 
-def test_overload_gives_503_with_retry_after_not_a_broken_200(serve_url):
+def rejected_count(metrics_port: int, app: str) -> float:
+    """The router's `rejected` requests of `app`, from Ray's Prometheus export."""
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("ray_minicpm_requests_total{") and f'application="{app}"' in line
+               and 'status="rejected"' in line)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_overload_gives_503_with_retry_after_not_a_broken_200_and_counts_it(serve_url, metrics_port, stream):
     # max_ongoing_requests 4 + max_queued_requests 2 on the single app's replica: 12 at once overflow.
-    body = {"messages": HELLO, "max_tokens": 250, "min_tokens": 250}
+    body = {"messages": HELLO, "max_tokens": 250, "min_tokens": 250, "stream": stream}
+    wait_until(lambda: running_generations(SINGLE_APP, "instruct") == 0, what="the replica to be idle")
+    rejected_before = rejected_count(metrics_port, SINGLE_APP)
 
     def call(_):
         with httpx.Client(base_url=serve_url, timeout=60) as http:
@@ -190,4 +201,9 @@ def test_overload_gives_503_with_retry_after_not_a_broken_200(serve_url):
             error = json.loads(text)["error"]
             assert int(retry_after) >= 1, f"Retry-After must be a number of seconds, not {retry_after!r}"
             assert error["type"] == "overloaded_error" and error["code"] == "overloaded" and "capacity" in error["message"]
+    for status, _, text in results:
+        if status == 200 and stream:  # a stream that got its 200 ran to the end, no error inside
+            assert text.rstrip().endswith("data: [DONE]") and '"error"' not in text
     assert running_generations(SINGLE_APP, "instruct") == 0
+    wait_until(lambda: rejected_count(metrics_port, SINGLE_APP) - rejected_before == statuses.count(503),
+               interval=0.5, what="the rejected requests to be counted")
