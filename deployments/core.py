@@ -305,8 +305,7 @@ class EngineCore:
         seen = self._seen[first : first + len(rows)] if self._seen is not None else None
         logprobs = _logprob_table(logits, rows) if any(r.want_logprobs is not None for r in rows) else None
         constrained = [(i, row.matcher) for i, row in enumerate(rows) if row.constrained]
-        if constrained:
-            self._masker.apply(logits, constrained)
+        broken = self._masker.apply(logits, constrained) if constrained else {}
         draws = sample(logits, params, [r.generator for r in rows], self._shared_generator, seen,
                        self._blocked(rows, eos), eos)
         tokens = draws[:, 0]
@@ -315,8 +314,8 @@ class EngineCore:
             seen[torch.arange(len(rows), device=self.device), tokens] = True
         if logprobs is not None:
             _record_logprobs(logprobs, tokens, rows)
-        for row, (token, failed) in zip(rows, draws.tolist()):  # the one device-to-host copy
-            refused = None if failed else row.follow(token)
+        for i, (row, (token, failed)) in enumerate(zip(rows, draws.tolist())):  # the one device-to-host copy
+            refused = None if failed else broken.get(i) or row.follow(token)
             if failed:
                 row.end(NumericalError("The model produced invalid (non-finite) scores for this request"))
             elif refused:

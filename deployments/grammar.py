@@ -136,14 +136,20 @@ class Masker:
         self.vocab_size = vocab_size
         self._bitmask = torch.full((max_rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
 
-    def apply(self, logits: torch.Tensor, matchers: list[tuple[int, llguidance.LLMatcher]]) -> None:
+    def apply(self, logits: torch.Tensor, matchers: list[tuple[int, llguidance.LLMatcher]]) -> dict[int, str]:
         """In place: row i of `logits` keeps only the tokens its matcher allows (a finished grammar allows
-        only end-of-sequence)."""
+        only end-of-sequence). Returns the rows whose matcher failed, with why: they fail alone."""
+        failed = {}
         for index, matcher in matchers:
-            llguidance.torch.fill_next_token_bitmask(matcher, self._bitmask, index)
+            try:
+                llguidance.torch.fill_next_token_bitmask(matcher, self._bitmask, index)
+            except Exception as exc:  # one request's grammar must not end the batch's shared step
+                failed[index] = f"{type(exc).__name__}: {exc}"
         words = self._bitmask.numpy()
         for index, _ in matchers:
-            _mask_row(logits[index], words[index], self.vocab_size)
+            if index not in failed:
+                _mask_row(logits[index], words[index], self.vocab_size)
+        return failed
 
 
 _BITS = np.arange(32, dtype=np.uint32)

@@ -119,9 +119,12 @@ class Row:
             return None
         if self.matcher.is_stopped():  # complete: only end-of-sequence was allowed, and it ends the row
             return None
-        if not self.matcher.consume_token(token):
-            return self.matcher.get_error() or "the token does not continue the grammar"
-        return None
+        try:
+            if self.matcher.consume_token(token):
+                return None
+        except Exception as exc:  # a failing grammar ends its own row, never the batch's step
+            return f"{type(exc).__name__}: {exc}"
+        return self.matcher.get_error() or "the token does not continue the grammar"
 
     def add(self, token: int) -> None:
         """Record a generated token, then end the row if it is done (eos, max_tokens, cancelled, deadline)."""
