@@ -1,5 +1,5 @@
 """Who may call the API and how much they may send: an optional bearer API key, optional CORS
-origins, and a request body size limit.
+origins, a request body size limit, and how many chat requests a router replica takes at once.
 
 Without a key, anyone who can reach the port can use the model replicas (and their GPUs).
 """
@@ -13,7 +13,8 @@ import os
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from deployments.errors import PayloadTooLargeError, ServiceError, UnauthorizedError, error_body
+from deployments.config import DEFAULT_MAX_ONGOING_CHATS
+from deployments.errors import OverloadedError, PayloadTooLargeError, ServiceError, UnauthorizedError, error_body
 
 # With a key set, the API and its schema need it; the chat page (which asks for the key itself) and
 # the health check do not.
@@ -27,9 +28,10 @@ class AccessPolicy:
         self.api_key: str | None = None
         self.cors_origins: list[str] = []
         self.max_body_bytes: int | None = None
+        self.max_ongoing_chats = DEFAULT_MAX_ONGOING_CHATS
 
     def configure(self, api_key: str | None, api_key_env: str | None, cors_origins: list[str],
-                  max_body_bytes: int | None = None) -> None:
+                  max_body_bytes: int | None = None, max_ongoing_chats: int = DEFAULT_MAX_ONGOING_CHATS) -> None:
         """Raises ValueError when `api_key_env` names a variable that is not set."""
         if api_key_env:
             api_key = os.environ.get(api_key_env)
@@ -38,6 +40,7 @@ class AccessPolicy:
         self.api_key = api_key or None
         self.cors_origins = list(cors_origins)
         self.max_body_bytes = max_body_bytes
+        self.max_ongoing_chats = max_ongoing_chats
 
     def allows(self, authorization: str) -> bool:
         if self.api_key is None:
@@ -59,22 +62,19 @@ class AccessMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         app = self._with_cors()
-        path = scope["path"]
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):]
+        path = route_path(scope)
         headers = dict(scope["headers"])
         preflight = scope["method"] == "OPTIONS" and b"access-control-request-method" in headers
         if path.startswith(PROTECTED_PREFIXES) and not preflight:
             if not self.policy.allows(headers.get(b"authorization", b"").decode("latin-1")):
                 error = UnauthorizedError("Missing or invalid API key: send it as 'Authorization: Bearer <key>'")
-                return await _error(scope, send, error, self.policy.cors_origins)
+                return await send_error(scope, send, error, self.policy.cors_origins)
         limit = self.policy.max_body_bytes
         if limit is not None:
             receive = await _within_limit(headers, receive, limit)
             if receive is None:
                 error = PayloadTooLargeError(f"The request body is larger than the {limit} byte limit")
-                return await _error(scope, send, error, self.policy.cors_origins)
+                return await send_error(scope, send, error, self.policy.cors_origins)
         await app(scope, receive, send)
 
     def _with_cors(self) -> ASGIApp:
@@ -119,12 +119,21 @@ async def _within_limit(headers: dict, receive: Receive, limit: int) -> Receive 
     return replayed
 
 
-async def _error(scope: Scope, send: Send, error: ServiceError, cors_origins: list[str]) -> None:
+def route_path(scope: Scope) -> str:
+    """The request's path inside the application (without the route prefix it is mounted at)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+async def send_error(scope: Scope, send: Send, error: ServiceError, cors_origins: list[str]) -> None:
+    """Answer with `error` in the API's error shape, from pure ASGI (before the app has read the body)."""
     status = error.status_code
     body = json.dumps(error_body(error, scope.get("state", {}).get("request_id"))).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
+    if isinstance(error, OverloadedError):
+        headers.append((b"retry-after", str(error.retry_after).encode()))
 
     async def respond(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": status, "headers": headers})

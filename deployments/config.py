@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.types import Variant
 
 MiB = 1024 * 1024
+# Chat requests one router replica serves at once unless `router.deployment.max_ongoing_requests` says.
+DEFAULT_MAX_ONGOING_CHATS = 256
+# Serve's cap on a router replica is the router's own plus this: room for its 503s and the cheap routes.
+ROUTER_HEADROOM = 32
 
 
 class ModelSettings(BaseModel):
@@ -102,16 +106,25 @@ class DeploymentOptions(BaseModel):
     max_ongoing_requests: int | None = Field(
         default=None, ge=1,
         description="Requests one replica accepts at once. Model deployments default to 2 x max_batch_size "
-        "(a full batch generating, as many waiting for a free row); the router to 256.",
+        "(a full batch generating, as many waiting for a free row). The router: chat requests at once "
+        "(default 256), past which it answers 503 itself; Serve's cap on it is 32 above, for the cheap routes.",
     )
     max_queued_requests: int = Field(
-        default=64, ge=-1, description="Requests waiting for a replica before new ones get 503 (-1: unbounded)."
+        default=64, ge=-1, description="Requests waiting for a replica before new ones get 503 (-1: unbounded; "
+        "0 is not allowed by Ray Serve).",
     )
     graceful_shutdown_timeout_s: float = Field(
         default=30.0, ge=0, description="How long in-flight streams may finish when a replica stops."
     )
     health_check_period_s: float = Field(default=10.0, gt=0)
     health_check_timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue_size(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must be -1 (unbounded) or at least 1; Ray Serve has no zero-length queue")
+        return value
 
     def serve_options(self) -> dict:
         """Keyword arguments for `Deployment.options`."""
@@ -215,10 +228,18 @@ class RouterArgs(BaseModel):
     )
     deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_queued_requests=512))
 
+    @property
+    def max_ongoing_chats(self) -> int:
+        """Chat requests one router replica serves at once; past it the router answers 503 with Retry-After.
+        The router holds many mostly idle streams, so it takes 256 by default."""
+        return self.deployment.max_ongoing_requests or DEFAULT_MAX_ONGOING_CHATS
+
     def serve_options(self) -> dict:
-        """Deployment options; the router holds many mostly idle streams, so it accepts 256 by default."""
+        """Deployment options. Serve's cap is the router's own plus headroom: the router's 503s (and the
+        health check, the page, /v1/models) need a slot too, and Serve's backpressure 503 is plain text
+        without Retry-After."""
         options = self.deployment.serve_options()
-        options.setdefault("max_ongoing_requests", 256)
+        options["max_ongoing_requests"] = self.max_ongoing_chats + ROUTER_HEADROOM
         return options
 
 

@@ -88,7 +88,8 @@ def read_data_url(url: str, kind: str, max_bytes: int) -> bytes:
     header, sep, payload = url.partition(",")
     if not sep or not header.endswith(";base64"):
         raise MediaError(f"The {kind} data URL must be base64: data:<type>;base64,<data>")
-    if len(payload) * 3 // 4 > max_bytes:
+    padding = 2 if payload.endswith("==") else 1 if payload.endswith("=") else 0
+    if len(payload) * 3 // 4 - padding > max_bytes:  # the decoded size, known before decoding
         raise _too_large(kind, max_bytes)
     try:
         return base64.b64decode(payload, validate=True)
@@ -193,6 +194,10 @@ async def fetch(url: str, kind: str, max_bytes: int, config: MediaConfig) -> byt
                 # aiohttp cannot parse or a host it cannot encode
                 if resolver.refused:
                     raise MediaRefusedError(f"The {kind} URL resolves to a private or local address") from None
+                if isinstance(exc, asyncio.TimeoutError):
+                    raise MediaError(
+                        f"Fetching the {kind} URL timed out (limits: connect {config.connect_timeout_s:g} s, "
+                        f"between reads {config.read_timeout_s:g} s, in all {config.fetch_timeout_s:g} s)") from None
                 raise MediaError(f"Fetching the {kind} URL failed: {type(exc).__name__}") from None
         raise MediaError(f"The {kind} URL redirected more than {config.max_redirects} times")
 
@@ -238,5 +243,6 @@ async def _read_capped(response: aiohttp.ClientResponse, kind: str, max_bytes: i
 
 
 def _too_large(kind: str, max_bytes: int) -> PayloadTooLargeError:
-    return PayloadTooLargeError(f"The {kind} is larger than the {max_bytes // (1024 * 1024)} MiB limit",
-                                param="messages")
+    mib = 1024 * 1024
+    limit = f"{max_bytes // mib} MiB" if max_bytes % mib == 0 else f"{max_bytes} byte"
+    return PayloadTooLargeError(f"The {kind} is larger than the {limit} limit", param="messages")

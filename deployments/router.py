@@ -17,7 +17,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.access import AccessMiddleware, AccessPolicy
+from deployments.access import AccessMiddleware, AccessPolicy, route_path, send_error
 from deployments.config import ModelConfig, RouterArgs
 from deployments.errors import BadRequestError, HTTPStatusError, OverloadedError, ServiceError, error_body
 from deployments.media import MediaLoader
@@ -158,10 +158,42 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-# One router per process: its __init__ configures this policy, the middleware reads it.
+class AdmissionMiddleware:
+    """Caps the chat requests one router replica serves at once (`router.deployment.max_ongoing_requests`):
+    past the cap a request gets a 503 with `Retry-After` in the API's error shape at once, counted as
+    `rejected`. A stream counts until its last byte.
+
+    Serve's own cap for the router replica is set above this one (`RouterArgs.serve_options`): past
+    Serve's cap its proxy answers a plain-text 503 without `Retry-After`, which clients cannot act on.
+    Runs before the access checks read a chunked body, so an overloaded router reads no bodies.
+    """
+
+    def __init__(self, app, policy: AccessPolicy) -> None:
+        self.app, self.policy = app, policy
+        self.ongoing = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or route_path(scope) != CHAT_PATH:
+            return await self.app(scope, receive, send)
+        if self.ongoing >= self.policy.max_ongoing_chats:
+            trace = scope["state"]["trace"]
+            trace.status = "rejected"
+            _finish(trace)
+            error = OverloadedError(f"The router is at capacity ({self.policy.max_ongoing_chats} requests at once); "
+                                    "retry shortly")
+            return await send_error(scope, send, error, self.policy.cors_origins)
+        self.ongoing += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+                self.ongoing -= 1
+
+
+# One router per process: its __init__ configures this policy, the middlewares read it.
 ACCESS = AccessPolicy()
 app.add_middleware(AccessMiddleware, policy=ACCESS)
-app.add_middleware(RequestIdMiddleware)  # added last: outermost, so even a 401 carries an id
+app.add_middleware(AdmissionMiddleware, policy=ACCESS)
+app.add_middleware(RequestIdMiddleware)  # added last: outermost, so even a 401 or a 503 carries an id
 
 
 def _error_response(request: Request, error: ServiceError, headers: dict | None = None) -> JSONResponse:
@@ -209,7 +241,8 @@ class Router:
         self._variants = variants
         self._handles = {variant: handle.options(stream=True) for variant, handle in handles.items()}
         self._args = args
-        ACCESS.configure(args.api_key, args.api_key_env, args.cors_origins, args.max_body_bytes)
+        ACCESS.configure(args.api_key, args.api_key_env, args.cors_origins, args.max_body_bytes,
+                         args.max_ongoing_chats)
         self._media = MediaLoader(args.media, _metrics().media_decode)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -99,6 +99,22 @@ def serve_url(tiny_checkpoints, media_dir: Path, metrics_port: int) -> Iterator[
     ray.shutdown()
 
 
+@contextmanager
+def temporary_app(name: str, route_prefix: str, args: dict, **run_options) -> Iterator[None]:
+    """Run an extra app beside the session's apps for the block, then delete it. The session's apps hold
+    3.5 of the cluster's 4 CPUs: give its deployments small `num_cpus`."""
+    from ray import serve
+
+    from deployments.config import AppArgs
+    from serve_app import build_app
+
+    serve.run(build_app(AppArgs.model_validate(args)), name=name, route_prefix=route_prefix, **run_options)
+    try:
+        yield
+    finally:
+        serve.delete(name)
+
+
 @pytest.fixture(scope="session")
 def client(serve_url: str) -> Iterator[httpx.Client]:
     """One keep-alive client for the session (a client per call would dominate latency)."""

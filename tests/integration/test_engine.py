@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from deployments.config import ModelConfig
 from deployments.engine import Engine
 from deployments.errors import CheckpointError, ContextLengthError
 from deployments.types import ChatMessage, Chunk, GenerationRequest, SamplingParams, Video
+from tests.waiting import wait_until_async
 
 # ---------------------------------------------------------------------------- fixtures and helpers
 
@@ -440,3 +442,34 @@ async def test_health_check_generates_when_idle_and_passes(tiny_checkpoints):
     await engine.check_health()
     assert engine.core.batch_sizes == [*before, 1], "the idle check ran a real one-token generation"
     assert engine.core.stalled_for() < 1.0
+
+
+async def test_a_batch_that_stops_stepping_fails_the_health_check_and_passes_once_it_moves(tiny_checkpoints):
+    """A forward that hangs (as a wedged device would) makes the health check fail, so Serve replaces the replica."""
+    engine = Engine(engine_config(tiny_checkpoints["instruct"], health_check_stall_s=0.5))
+    real, gate, calls = engine.core.text, threading.Event(), []
+
+    def wedged(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            gate.wait(120)
+        return real(*args, **kwargs)
+
+    engine.core.text = wedged
+    request = GenerationRequest([ChatMessage("user", ["hi"])], enable_thinking=False,
+                                sampling=SamplingParams(max_tokens=20, min_tokens=20, temperature=0.0))
+
+    async def generate() -> list[Chunk]:
+        return [chunk async for chunk in engine.stream(request)]
+
+    task = asyncio.create_task(generate())
+    try:
+        await wait_until_async(lambda: len(calls) >= 4, what="the fourth forward to start")
+        await wait_until_async(lambda: engine.core.stalled_for() > 0.5, what="the stall to pass the limit")
+        with pytest.raises(RuntimeError, match="made no progress"):
+            await engine.check_health()
+    finally:
+        gate.set()
+    chunks = await task
+    assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 20
+    await engine.check_health()

@@ -182,18 +182,11 @@ def test_any_request_id_is_used_as_sent_in_header_and_body_alike(client, sent):
 
 
 def test_with_json_encoding_every_log_line_parses_and_the_request_id_is_on_its_lines(serve_url):
-    from ray import serve
+    from tests.integration.conftest import app_args, temporary_app
 
-    from deployments.config import AppArgs
-    from serve_app import build_app
-    from tests.integration.conftest import app_args
-
-    # The session's other apps hold 3.5 of the cluster's 4 CPUs: this one asks for little.
     args = app_args(thinking=None, router={"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}})
     args["instruct"]["deployment"] = {**args["instruct"]["deployment"], "ray_actor_options": {"num_cpus": 0.2}}
-    serve.run(build_app(AppArgs.model_validate(args)), name="jsonlog", route_prefix="/jsonlog",
-              logging_config={"encoding": "JSON"})
-    try:
+    with temporary_app("jsonlog", "/jsonlog", args, logging_config={"encoding": "JSON"}):
         request_id = f"json-{uuid.uuid4().hex[:12]}"
         with httpx.Client(base_url=serve_url, timeout=60) as http:
             response = http.post(f"/jsonlog{CHAT}", json={"messages": HELLO, "max_tokens": 3},
@@ -211,5 +204,3 @@ def test_with_json_encoding_every_log_line_parses_and_the_request_id_is_on_its_l
         mine = [r for r in records if r.get("request_id") == request_id]
         assert any(f"Request {request_id} finished" in r["message"] for r in mine)
         assert any(f"Request {request_id} generated" in r["message"] for r in mine)
-    finally:
-        serve.delete("jsonlog")

@@ -77,12 +77,21 @@ def test_queue_sizes_follow_the_batch_size_unless_set():
     assert explicit["max_ongoing_requests"] == 3 and explicit["autoscaling_config"]["target_ongoing_requests"] == 1
 
 
-def test_router_accepts_many_streams_unless_told_otherwise():
-    from deployments.config import RouterArgs
+def test_router_accepts_many_streams_unless_told_otherwise_and_serve_leaves_it_room_to_refuse():
+    from deployments.config import ROUTER_HEADROOM, RouterArgs
 
-    assert RouterArgs().serve_options()["max_ongoing_requests"] == 256
-    assert RouterArgs.model_validate({"deployment": {"max_ongoing_requests": 9}}).serve_options()[
-        "max_ongoing_requests"] == 9
+    assert RouterArgs().max_ongoing_chats == 256
+    assert RouterArgs().serve_options()["max_ongoing_requests"] == 256 + ROUTER_HEADROOM
+    nine = RouterArgs.model_validate({"deployment": {"max_ongoing_requests": 9}})
+    assert nine.max_ongoing_chats == 9 and nine.serve_options()["max_ongoing_requests"] == 9 + ROUTER_HEADROOM
+
+
+def test_a_zero_length_queue_is_refused_in_the_config_not_by_serve_at_deploy_time():
+    from deployments.config import DeploymentOptions
+
+    with pytest.raises(ValueError, match="at least 1"):
+        DeploymentOptions(max_queued_requests=0)
+    assert DeploymentOptions(max_queued_requests=-1).max_queued_requests == -1
 
 
 def test_the_router_side_of_the_app_imports_neither_torch_nor_transformers():

@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 from PIL import Image, ImageFile
 
+from deployments import media
 from deployments.config import MediaConfig
 from deployments.errors import PayloadTooLargeError
 from deployments.media import (
@@ -101,7 +102,7 @@ def require_encoder(container: str) -> None:
 
 
 def video_bytes(container: str = "mp4", frames: int = 20, size: tuple[int, int] = (64, 48), fps: int = 10) -> bytes:
-    """A video whose frame i has red level 12*i (so decoded frames show which index they are)."""
+    """A video whose frame i has red level 12*i mod 256 (so decoded frames show which index they are)."""
     muxer, encoder = VIDEO_FORMATS[container]
     width, height = size
     buffer = io.BytesIO()
@@ -110,7 +111,7 @@ def video_bytes(container: str = "mp4", frames: int = 20, size: tuple[int, int] 
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for index in range(frames):
             pixels = np.zeros((height, width, 3), np.uint8)
-            pixels[..., 0] = 12 * index
+            pixels[..., 0] = 12 * index % 256
             for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
                 output.mux(packet)
         for packet in stream.encode():
@@ -292,6 +293,14 @@ def test_read_data_url_oversize_is_413_before_decoding():
     assert "1 MiB" in error.value.message
 
 
+@pytest.mark.parametrize("size", [998, 999, 1000])
+def test_read_data_url_at_exactly_the_limit_is_accepted_whatever_its_padding(size):
+    data = bytes(range(256)) * 4
+    assert read_data_url(data_url(data[:size], "image/png"), "image", size) == data[:size]
+    with pytest.raises(PayloadTooLargeError, match=f"{size - 1} byte limit"):
+        read_data_url(data_url(data[:size], "image/png"), "image", size - 1)
+
+
 # ---- read_local ----
 
 
@@ -391,6 +400,9 @@ async def media_server():
     async def redirect_ftp(_request):
         raise web.HTTPFound("ftp://127.0.0.1/img")
 
+    async def redirect_private(request):
+        raise web.HTTPFound(f"http://{request.query['to']}:{request.url.port}/img")
+
     async def slow(_request):
         await asyncio.sleep(3)
         return web.Response(body=PNG, content_type="image/png")
@@ -404,7 +416,8 @@ async def media_server():
     for path, handler in (("/img", img), ("/big", big), ("/big-chunked", big_chunked),
                           ("/big-stalled", big_stalled),
                           ("/redirect-loop", redirect_loop), ("/redirect-once", redirect_once),
-                          ("/redirect-ftp", redirect_ftp), ("/slow", slow)):
+                          ("/redirect-ftp", redirect_ftp), ("/redirect-private", redirect_private),
+                          ("/slow", slow)):
         app.router.add_get(path, handler)
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
@@ -453,12 +466,12 @@ async def test_fetch_declared_content_length_over_max_is_413_before_reading_the_
     started = time.monotonic()
     with pytest.raises(PayloadTooLargeError):
         await fetch(f"{media_server.url}/big-stalled", "image", MiB, LOCAL)
-    assert time.monotonic() - started < 0.5, "refused on the header, without waiting for the body"
+    assert time.monotonic() - started < 2.5, "refused on the header, without waiting for the 3 s stalled body"
 
 
 async def test_fetch_server_slower_than_the_read_timeout_fails_fast(media_server):
     started = time.monotonic()
-    with pytest.raises(MediaError, match="Fetching the image URL failed"):
+    with pytest.raises(MediaError, match=r"Fetching the image URL timed out \(limits: connect 5 s, between reads 0.5 s"):
         await fetch(f"{media_server.url}/slow", "image", MiB, LOCAL)
     assert time.monotonic() - started < 2.5, "the 0.5 s read timeout, not the server's 3 s sleep, ended it"
 
@@ -474,6 +487,19 @@ async def test_fetch_private_or_local_address_is_refused_without_a_request(media
     with pytest.raises(MediaRefusedError, match="private or local address"):
         await fetch(f"http://{host}:{media_server.port}/img", "image", MiB, GUARDED)
     assert media_server.hits == []
+
+
+@pytest.mark.parametrize("target", ["127.0.0.2", "[::1]", "169.254.169.254", "10.0.0.1"])
+async def test_a_redirect_to_a_private_address_is_refused_before_it_is_requested(media_server, monkeypatch, target):
+    # The test server is on loopback: count 127.0.0.1 as public, so that the first hop passes the guard as a
+    # public server's would, and the redirect is what the guard must catch.
+    real = media._is_public
+    monkeypatch.setattr(media, "_is_public", lambda address: address == "127.0.0.1" or real(address))
+    assert await fetch(f"{media_server.url}/img", "image", MiB, GUARDED) == PNG  # precondition: first hop allowed
+    media_server.hits.clear()
+    with pytest.raises(MediaRefusedError, match="private or local address"):
+        await fetch(f"{media_server.url}/redirect-private?to={target}", "image", MiB, GUARDED)
+    assert media_server.hits == ["/redirect-private"]
 
 
 async def test_fetch_is_off_when_allow_remote_is_false(media_server):
