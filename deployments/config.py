@@ -55,6 +55,18 @@ class ModelSettings(BaseModel):
         default=600.0, gt=0,
         description="Longest a request may take, waiting included; then it ends with finish_reason 'length'.",
     )
+    prefix_cache_bytes: int = Field(
+        default=1024 * MiB, ge=0,
+        description="Memory (on the model's device) for the prefix cache: the text tower's state at the end of "
+        "each chat's last user turn, so that its next turn prefills only what is new. 0: off. An entry costs the "
+        "full-attention keys/values of its prefix plus a fixed linear-attention state (about 19 MiB at the real "
+        "model's size, 0.4 MiB for the small preset).",
+    )
+    vision_cache_bytes: int = Field(
+        default=256 * MiB, ge=0,
+        description="Memory (on the model's device) for the vision-feature cache: the vision tower's output per "
+        "image or video, keyed by its pixels and options, so that a resent image skips the tower. 0: off.",
+    )
     prefill_chunk_tokens: int = Field(
         default=512, ge=16,
         description="Most prompt tokens one prefill forward computes. Short prompts that arrive together are "
@@ -197,6 +209,13 @@ class MediaConfig(BaseModel):
     read_timeout_s: float = Field(default=20.0, gt=0)
     fetch_timeout_s: float = Field(default=60.0, gt=0, description="Whole download, redirects included.")
     max_redirects: int = Field(default=3, ge=0)
+    decoded_cache_bytes: int = Field(
+        default=64 * MiB, ge=0,
+        description="Memory for recently decoded data-URL images and videos, keyed by a hash of the URL (its "
+        "content) and the decoding options: a chat resends its images every turn, and each is decoded once "
+        "within decoded_cache_ttl_s. 0: off. http(s) URLs and paths are always read again.",
+    )
+    decoded_cache_ttl_s: float = Field(default=300.0, gt=0, description="How long a decoded item is reused.")
     max_concurrent_decodes: int = Field(default=4, ge=1, description="Decodes running at once in one router.")
 
 

@@ -28,6 +28,7 @@ from transformers.cache_utils import DynamicCache
 
 from deployments.errors import GrammarError, NumericalError
 from deployments.grammar import Masker
+from deployments.reuse import PrefixCache, Snapshot, VisionCache
 from deployments.rows import Row, deliver, merge_inputs
 from deployments.sampling import BatchParams, sample
 from deployments.slots import SlotCache
@@ -40,13 +41,24 @@ Family = list[Row]
 
 
 class _Prefill:
-    """The prompt forward of a group of newcomers, run chunk by chunk into a fresh DynamicCache."""
+    """The prompt forward of a group of newcomers, run chunk by chunk into a DynamicCache.
+
+    `past` positions come from a prefix-cache snapshot (a group of one then): `embeds` holds the
+    rest, `mask` and `positions` the whole width. Chunks also end at each family's last turn end,
+    where its state is snapshotted for the chat's next turn (`stores`: suffix column -> families).
+    """
 
     def __init__(self, families: list[Family], embeds: torch.Tensor, mask: torch.Tensor, chunk: int,
-                 config) -> None:
+                 config, past: Snapshot | None = None, stores: dict[int, list[tuple[int, bytes]]] | None = None
+                 ) -> None:
         self.families, self.embeds, self.mask, self.chunk = families, embeds, mask, chunk
         self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self.cache = DynamicCache(config=config)
+        self.past = 0
+        if past is not None:
+            _restore(self.cache, past)
+            self.past = past.length
+        self.stores = stores or {}
         self.offset = 0
 
     @property
@@ -57,13 +69,49 @@ class _Prefill:
     def done(self) -> bool:
         return self.offset >= self.embeds.shape[1]
 
+    def chunk_end(self) -> int:
+        """Where the next chunk ends (suffix columns): the chunk size, or an earlier snapshot column."""
+        start = self.offset
+        end = min(start + max(1, self.chunk // len(self.families)), self.embeds.shape[1])
+        return min([end, *(column for column in self.stores if column > start)])
+
+    def snapshot(self, family_index: int, length: int) -> Snapshot:
+        """Row `family_index`'s state now, which is after the first `length` of its prompt positions."""
+        width = self.past + self.offset
+        start = width - length
+        keys, values, conv, recurrent = {}, {}, {}, {}
+        for layer, cache_layer in enumerate(self.cache.layers):
+            if hasattr(cache_layer, "conv_states"):
+                conv[layer] = cache_layer.conv_states[0][family_index].clone()
+                recurrent[layer] = cache_layer.recurrent_states[0][family_index].clone()
+            else:
+                keys[layer] = cache_layer.keys[family_index, :, start:width].clone()
+                values[layer] = cache_layer.values[family_index, :, start:width].clone()
+        return Snapshot(length, keys, values, conv, recurrent)
+
+
+def _restore(cache: DynamicCache, snapshot: Snapshot) -> None:
+    """Fill an empty one-row DynamicCache with a snapshot, as if its prefix had just been prefilled."""
+    for layer, cache_layer in enumerate(cache.layers):
+        if layer in snapshot.conv:
+            conv, recurrent = snapshot.conv[layer][None], snapshot.recurrent[layer][None]
+            cache_layer.lazy_initialization(conv_states=conv, recurrent_states=recurrent)
+            cache_layer.conv_states[0].copy_(conv)
+            cache_layer.recurrent_states[0].copy_(recurrent)
+            cache_layer.has_previous_state[0] = True
+        else:
+            keys, values = snapshot.keys[layer][None], snapshot.values[layer][None]
+            cache_layer.lazy_initialization(keys, values)
+            cache_layer.keys, cache_layer.values = keys, values  # update() concatenates: the snapshot stays intact
+
 
 class EngineCore:
     """Continuous batching over the model's own forward, with a cache the engine owns."""
 
     def __init__(self, model, max_rows: int, max_len: int, pad_token_id: int, batch_wait_s: float,
                  continuous: bool = True, prefill_tokens: int = 512,
-                 on_rows: Callable[[int], None] = lambda rows: None) -> None:
+                 on_rows: Callable[[int], None] = lambda rows: None,
+                 prefix_cache: PrefixCache | None = None, vision_cache: VisionCache | None = None) -> None:
         self.model, self.max_rows, self.continuous = model, max_rows, continuous
         self.text, self.lm_head = model.model.language_model, model.lm_head
         self.text_config = model.config.get_text_config()
@@ -72,6 +120,8 @@ class EngineCore:
         conv_dtype = next((m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.Conv1d)), model.dtype)
         self.cache = SlotCache(self.text_config, max_rows, max_len, model.dtype, self.device, conv_dtype)
         self._masker = Masker(max_rows, self.text_config.vocab_size)
+        self.prefix_cache = prefix_cache or PrefixCache(0)
+        self.vision_cache = vision_cache or VisionCache(0)
         self._rows: list[Row] = []  # slot order: row i lives in slot i
         self._next_ids = torch.zeros(max_rows, dtype=torch.long, device=self.device)
         self._seen: torch.Tensor | None = None  # (max_rows, vocab) ids the repetition penalty applies to
@@ -184,59 +234,122 @@ class EngineCore:
 
     def _start_prefill(self) -> _Prefill | None:
         """A group from the front of the queue that fits the free slots and whose padded prompts fit
-        the token budget (at least one request, when its rows fit)."""
+        the token budget (at least one request, when its rows fit). A request that resumes from the
+        prefix cache is prefilled alone, from its snapshot."""
         free = self.max_rows - len(self._rows)
         if not self._queued or len(self._queued[0]) > free:
             return None
         group = [self._queued.popleft()]
-        while self._queued and self._groups_with(group, self._queued[0], free):
+        past = self._resume_point(group[0])
+        while past is None and self._queued and self._groups_with(group, self._queued[0], free):
             group.append(self._queued.popleft())
         leads = [family[0] for family in group]
         self.batch_sizes = [*self.batch_sizes[-99:], len(self._rows) + sum(len(f) for f in group)]
+        length = past.length if past else 0
         try:
             inputs = merge_inputs([r.inputs for r in leads], self._pad)
-            embeds = self._embed(inputs, leads[0].downsample_mode)
+            embeds = self._embed(leads, inputs["input_ids"][:, length:], length)
         except Exception as exc:
             self._prefill_failed(group, exc)
             return None
         for family in group:
             for row in family:
                 row.inputs = None  # the images live on in the embeddings, then only in the cache
-        return _Prefill(group, embeds, inputs["attention_mask"], self._prefill_tokens, self.text_config)
+        return _Prefill(group, embeds, inputs["attention_mask"], self._prefill_tokens, self.text_config, past,
+                        self._stores(leads, inputs["input_ids"].shape[1], length))
+
+    def _resume_point(self, family: Family) -> Snapshot | None:
+        """The prefix-cache snapshot a request resumes from (looked up once per request), or None."""
+        lead = family[0]
+        if lead.resume is False:
+            lead.resume = (self.prefix_cache.longest(lead.layout)
+                           if self.prefix_cache.enabled and lead.layout is not None else None)
+        return lead.resume
+
+    def _stores(self, leads: list[Row], width: int, past: int) -> dict[int, list[tuple[int, bytes]]]:
+        """Suffix column -> (family index, key) of each family whose last turn end is not stored yet."""
+        stores: dict[int, list[tuple[int, bytes]]] = {}
+        if not self.prefix_cache.enabled:
+            return stores
+        for index, lead in enumerate(leads):
+            point = lead.layout.store_at if lead.layout is not None else None
+            if point is None or point[1] in self.prefix_cache:
+                continue
+            column = width - lead.prompt_len + point[0] - past
+            if column > 0:
+                stores.setdefault(column, []).append((index, point[1]))
+        return stores
 
     def _groups_with(self, group: list[Family], family: Family, free: int) -> bool:
-        """Whether `family` may join the prefill group: rows fit, padded tokens fit, same vision options."""
+        """Whether `family` may join the prefill group: rows fit, padded tokens fit, same vision options,
+        and it does not resume from the prefix cache (that one is prefilled alone)."""
         leads = [f[0] for f in group] + [family[0]]
         return (sum(len(f) for f in group) + len(family) <= free and not any(r.alone for r in leads)
                 and len(leads) * max(r.prompt_len for r in leads) <= self._prefill_tokens
-                and len({r.downsample_mode for r in leads}) == 1)
+                and len({r.downsample_mode for r in leads}) == 1 and self._resume_point(family) is None)
 
-    def _embed(self, inputs: dict, downsample_mode: str | None = None) -> torch.Tensor:
-        """Token embeddings with the vision tower's features scattered into the image/video placeholders,
-        as MiniCPM-V 4.6's own forward does."""
+    def _embed(self, leads: list[Row], ids: torch.Tensor, past: int) -> torch.Tensor:
+        """Token embeddings of `ids` (the group's prompts from position `past` on) with the vision
+        features scattered into the image/video placeholders, as MiniCPM-V 4.6's own forward does."""
         inner = self.model.model
-        ids = inputs["input_ids"]
         embeds = inner.get_input_embeddings()(ids)
-        for pixels, sizes, features, token_id in (
-            ("pixel_values", "target_sizes", inner.get_image_features, self.model.config.image_token_id),
-            ("pixel_values_videos", "target_sizes_videos", inner.get_video_features, self.model.config.video_token_id),
-        ):
-            if pixels in inputs:
-                output = features(inputs[pixels][:1], inputs[sizes], downsample_mode=downsample_mode)
-                values = torch.cat(output.pooler_output, dim=0).to(embeds.device, embeds.dtype)
+        for kind, token_id in (("image", self.model.config.image_token_id),
+                               ("video", self.model.config.video_token_id)):
+            parts = [part for lead in leads if (part := self._features(lead, kind, past)) is not None]
+            if parts:
+                values = torch.cat(parts).to(embeds.device, embeds.dtype)
                 embeds = embeds.masked_scatter(inner.get_placeholder_mask(ids, embeds, values, token_id), values)
         return embeds
 
+    def _features(self, lead: Row, kind: str, past: int) -> torch.Tensor | None:
+        """One request's vision features of `kind` for its placeholders from position `past` on: from the
+        vision cache where it holds an item, the vision tower (one forward for all missing items) otherwise."""
+        inner = self.model.model
+        pixels_key, sizes_key = ("pixel_values", "target_sizes") if kind == "image" else \
+            ("pixel_values_videos", "target_sizes_videos")
+        tower = inner.get_image_features if kind == "image" else inner.get_video_features
+        inputs, mode = lead.inputs, lead.downsample_mode
+        if pixels_key not in inputs:
+            return None
+        if lead.layout is None:  # placeholders that did not match the media: the whole request, uncached
+            return torch.cat(tower(inputs[pixels_key][:1], inputs[sizes_key], downsample_mode=mode).pooler_output)
+        items = [item for item in lead.layout.media if item.kind == kind and item.start >= past]
+        if not items:
+            return None
+        options = mode or "default"
+        cache = self.vision_cache
+        found = [cache.get(item, options) if cache.enabled else None for item in items]
+        missing = [item for item, features in zip(items, found) if features is None]
+        if missing:
+            sizes = inputs[sizes_key]
+            patch = self.model.config.vision_config.patch_size
+            columns = [0, *torch.cumsum(sizes.prod(-1) * patch, 0).tolist()]
+            spans = [(item.first_unit, item.first_unit + len(item.runs)) for item in missing]
+            pixels = torch.cat([inputs[pixels_key][:1, ..., columns[a]:columns[b]] for a, b in spans], dim=-1)
+            units = torch.cat([sizes[a:b] for a, b in spans])
+            pooled = tower(pixels, units, downsample_mode=mode).pooler_output
+            computed, unit = {}, 0
+            for item in missing:
+                computed[id(item)] = torch.cat(pooled[unit : unit + len(item.runs)])
+                unit += len(item.runs)
+                if cache.enabled:
+                    cache.put(item, options, computed[id(item)])
+            found = [features if features is not None else computed[id(item)] for item, features in zip(items, found)]
+        return torch.cat(found)
+
     def _prefill_chunk(self, prefill: _Prefill) -> torch.Tensor:
-        """Forward the next chunk of the group's prompts; the logits of its last position (rows, vocab)."""
+        """Forward the next chunk of the group's prompts; the logits of its last position (rows, vocab).
+        Snapshots the families whose last turn ends where the chunk ends."""
         self._mark_progress()
-        start = prefill.offset
-        end = min(start + max(1, prefill.chunk // len(prefill.families)), prefill.embeds.shape[1])
+        start, end, past = prefill.offset, prefill.chunk_end(), prefill.past
         hidden = self.text(
-            inputs_embeds=prefill.embeds[:, start:end], attention_mask=prefill.mask[:, :end],
-            position_ids=prefill.positions[:, start:end], cache=prefill.cache, use_cache=True,
+            inputs_embeds=prefill.embeds[:, start:end], attention_mask=prefill.mask[:, : past + end],
+            position_ids=prefill.positions[:, past + start : past + end], cache=prefill.cache, use_cache=True,
         ).last_hidden_state
         prefill.offset = end
+        for index, key in prefill.stores.get(end, []):
+            lead = prefill.families[index][0]
+            self.prefix_cache.store(key, prefill.snapshot(index, lead.layout.store_at[0]))
         return self.lm_head(hidden[:, -1])
 
     def _prefill_failed(self, group: list[Family], exc: Exception) -> None:

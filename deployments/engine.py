@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import jinja2
 import torch
+from PIL import Image
 from transformers.video_utils import VideoMetadata
 
 from deployments import checkpoint
@@ -25,6 +26,7 @@ from deployments.config import ModelConfig
 from deployments.core import EngineCore
 from deployments.errors import BadRequestError, ContextLengthError
 from deployments.grammar import Grammars
+from deployments import reuse
 from deployments.rows import Row
 from deployments.sampling import RowSampling
 from deployments.textstream import THINK_CLOSE, THINK_OPEN, IncrementalDetokenizer, ReasoningSplitter, StopMatcher
@@ -43,12 +45,14 @@ class _Prepared:
     eos_ids: set[int]
     matchers: list  # one grammar matcher per sequence (None: unconstrained)
     matcher_after: int | None  # the grammar applies once this token (the end of the reasoning) was sampled
+    layout: reuse.Layout | None  # media and turn ends, for the prefix and vision caches
 
 
 class Engine:
     """One loaded checkpoint and the code that streams generations from it."""
 
-    def __init__(self, config: ModelConfig, on_batch_rows: Callable[[int], None] = lambda rows: None) -> None:
+    def __init__(self, config: ModelConfig, on_batch_rows: Callable[[int], None] = lambda rows: None,
+                 on_cache: reuse.CacheObserver = lambda cache, event, amount: None) -> None:
         self.config = config
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
@@ -63,9 +67,15 @@ class Engine:
         pad = self.defaults.pad_token_id if self.defaults.pad_token_id is not None else self.tokenizer.pad_token_id
         self._think_close = self.tokenizer.convert_tokens_to_ids(THINK_CLOSE)
         self.grammars = Grammars(self.tokenizer, text_config.vocab_size, sorted(self._eos_ids))
+        ids = self.tokenizer.convert_tokens_to_ids
+        self._special = reuse.SpecialIds(turn_end=ids("<|im_end|>"), media_start=ids(self.processor.image_start_token),
+                                         image=self.model.config.image_token_id, video=self.model.config.video_token_id)
+        # Cache keys are namespaced by what was loaded: entries never outlive a change of checkpoint.
+        self._namespace = f"{config.checkpoint}:{config.variant}:{self.model.dtype}"
         self.core = EngineCore(
             self.model, config.max_batch_size, self.max_model_len, pad, config.batch_wait_ms / 1000,
             config.continuous_batching, config.prefill_chunk_tokens, on_batch_rows,
+            reuse.PrefixCache(config.prefix_cache_bytes, on_cache), reuse.VisionCache(config.vision_cache_bytes, on_cache),
         )
 
     @property
@@ -107,7 +117,7 @@ class Engine:
             request_id=request.request_id, stream_interval_s=self.config.stream_interval_ms / 1000,
             deadline=time.monotonic() + self.config.max_generation_s if self.config.max_generation_s else None,
             logprobs=prepared.sampling.logprobs, downsample_mode=request.downsample_mode,
-            matcher=prepared.matchers[index], matcher_after=prepared.matcher_after,
+            matcher=prepared.matchers[index], matcher_after=prepared.matcher_after, layout=prepared.layout,
         )
 
     @staticmethod
@@ -152,8 +162,23 @@ class Engine:
         return _Prepared(
             inputs=inputs.to(self.model.device), prompt_tokens=prompt_tokens, opens_think_block=opens,
             sampling=request.sampling, eos_ids=self._eos_ids | set(request.sampling.stop_token_ids),
-            matchers=matchers, matcher_after=after,
+            matchers=matchers, matcher_after=after, layout=self._layout(request, inputs),
         )
+
+    def _layout(self, request: GenerationRequest, inputs) -> reuse.Layout | None:
+        """The prompt's layout for the caches (digests of its images and videos); None when both are off, and
+        for the health probe (which would otherwise count as hits and misses every few seconds)."""
+        if request.request_id == HEALTH_PROBE_ID or not (self.core.prefix_cache.enabled
+                                                          or self.core.vision_cache.enabled):
+            return None
+        parts = [part for message in request.messages for part in message.content]
+        images = [part for part in parts if isinstance(part, Image.Image)]
+        videos = [part for part in parts if isinstance(part, Video)]
+        namespace = f"{self._namespace}:{request.downsample_mode or 'default'}"
+        found = reuse.layout(inputs["input_ids"][0], self._special, images, videos, namespace)
+        if found is None and (images or videos):
+            logger.warning("Request %s: its placeholders do not match its media; not cached", request.request_id)
+        return found
 
     def _render(self, request: GenerationRequest):
         """The processor's output for the conversation (client text defused) with its tools and media options."""

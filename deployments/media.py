@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import io
 import ipaddress
 import socket
@@ -29,6 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from deployments.config import MediaConfig
 from deployments.errors import MediaError, MediaRefusedError, PayloadTooLargeError
+from deployments.lru import ByteLRU, CacheObserver, ignore_cache_event
 from deployments.schemas import ImagePart, VideoPart
 from deployments.types import Video
 from deployments.video import VideoDecoder, decode_video  # noqa: F401 (decode_video: part of this module's API)
@@ -43,11 +45,14 @@ _REDIRECTS = {301, 302, 303, 307, 308}
 class MediaLoader:
     """Turns `image_url` / `video_url` parts into PIL images and sampled `Video`s."""
 
-    def __init__(self, config: MediaConfig, decode_seconds: "Histogram | None" = None) -> None:
+    def __init__(self, config: MediaConfig, decode_seconds: "Histogram | None" = None,
+                 observe: CacheObserver = ignore_cache_event) -> None:
         self.config = config
         self._decoding = asyncio.Semaphore(config.max_concurrent_decodes)
         self._decode_seconds = decode_seconds
         self._videos = VideoDecoder(config.max_concurrent_decodes)
+        # Data URLs decoded recently: a chat resends its images every turn. Values: (item, expiry time).
+        self.decoded = ByteLRU("decoded", config.decoded_cache_bytes, observe)
 
     async def load(self, part: ImagePart | VideoPart, videos_in_request: int = 1) -> Image.Image | Video:
         """Fetch and decode one part. Raises MediaError / MediaRefusedError / PayloadTooLargeError.
@@ -61,17 +66,36 @@ class MediaLoader:
         return result
 
     async def _load(self, part: ImagePart | VideoPart, videos_in_request: int) -> Image.Image | Video:
-        if isinstance(part, ImagePart):
-            data = await self._read(part.image_url.url, "image", self.config.max_image_bytes)
+        image = isinstance(part, ImagePart)
+        url = part.image_url.url if image else part.video_url.url
+        if image:
+            options = f"image:{self.config.max_image_pixels}"
+        else:
+            fps = min(part.video_url.fps or self.config.video_fps, self.config.video_fps_cap)
+            max_frames = min(part.video_url.max_frames or self.config.max_video_frames, self.config.max_video_frames)
+            budget = self.config.max_video_decoded_bytes // videos_in_request
+            options = f"video:{fps}:{max_frames}:{self.config.max_video_duration_s}:" \
+                      f"{self.config.max_video_frame_pixels}:{budget}"
+        key = None
+        if self.decoded.budget and url[:5].lower() == "data:":
+            key = await asyncio.to_thread(_content_key, options, url)
+            found = self.decoded.get(key)
+            if found is not None and found[1] > time.monotonic():
+                return found[0]
+        if image:
+            data = await self._read(url, "image", self.config.max_image_bytes)
             async with self._decoding:
-                return await asyncio.to_thread(decode_image, data, self.config.max_image_pixels)
-        data = await self._read(part.video_url.url, "video", self.config.max_video_bytes)
-        fps = min(part.video_url.fps or self.config.video_fps, self.config.video_fps_cap)
-        max_frames = min(part.video_url.max_frames or self.config.max_video_frames, self.config.max_video_frames)
-        async with self._decoding:
-            return await asyncio.to_thread(self._videos.decode, data, fps, max_frames, self.config.max_video_duration_s,
-                                           self.config.max_video_frame_pixels,
-                                           self.config.max_video_decoded_bytes // videos_in_request)
+                item = await asyncio.to_thread(decode_image, data, self.config.max_image_pixels)
+        else:
+            data = await self._read(url, "video", self.config.max_video_bytes)
+            async with self._decoding:
+                item = await asyncio.to_thread(self._videos.decode, data, fps, max_frames,
+                                               self.config.max_video_duration_s, self.config.max_video_frame_pixels,
+                                               budget)
+        if key is not None:
+            size = item.width * item.height * len(item.getbands()) if image else item.frames.nbytes
+            self.decoded.put(key, (item, time.monotonic() + self.config.decoded_cache_ttl_s), size)
+        return item
 
     async def _read(self, url: str, kind: str, max_bytes: int) -> bytes:
         scheme = _split(url, kind).scheme.lower()
@@ -82,6 +106,12 @@ class MediaLoader:
         if scheme in ("", "file"):
             return await asyncio.to_thread(read_local, url, kind, max_bytes, self.config.local_media_dir)
         raise MediaRefusedError(f"Unsupported {kind} URL scheme '{scheme}': use data:, http(s): or a local path")
+
+
+def _content_key(options: str, url: str) -> bytes:
+    """A cryptographic digest of a data URL (its content) and the decoding options: no client can make
+    its URL collide with another's to receive their pixels."""
+    return hashlib.blake2b(options.encode() + b"\0" + url.encode(), digest_size=16).digest()
 
 
 def read_data_url(url: str, kind: str, max_bytes: int) -> bytes:

@@ -62,6 +62,32 @@ def batch_rows_gauge() -> Gauge:
     return Gauge("minicpm_batch_rows", description="Rows in this replica's running batch.", tag_keys=("variant",))
 
 
+class CacheMetrics:
+    """Lookups, hit tokens and bytes of a model replica's prefix and vision-feature caches (variant: the
+    replica's), or of a router's decoded-media cache (variant "router")."""
+
+    def __init__(self, variant: str, caches: tuple[str, ...] = ("prefix", "vision")) -> None:
+        self._tags = {"variant": variant}
+        self.lookups = Counter("minicpm_cache_lookups", description="Cache lookups by cache (prefix, vision) "
+                               "and result (hit, miss).", tag_keys=("variant", "cache", "result"))
+        self.hit_tokens = Counter("minicpm_prefix_cache_hit_tokens",
+                                  description="Prompt tokens not prefilled thanks to the prefix cache.",
+                                  tag_keys=("variant",))
+        self.bytes = Gauge("minicpm_cache_bytes", description="Bytes held by a cache of this replica.",
+                           tag_keys=("variant", "cache"))
+        for cache in caches:  # every series exists from the start, at 0
+            self.bytes.set(0, tags={**self._tags, "cache": cache})
+
+    def observe(self, cache: str, event: str, amount: int) -> None:
+        """The engine's cache observer: ("prefix" | "vision", "hit" | "miss" | "bytes" | "hit_tokens", amount)."""
+        if event in ("hit", "miss"):
+            self.lookups.inc(amount, tags={**self._tags, "cache": cache, "result": event})
+        elif event == "hit_tokens":
+            self.hit_tokens.inc(amount, tags=self._tags)
+        elif event == "bytes":
+            self.bytes.set(amount, tags={**self._tags, "cache": cache})
+
+
 @dataclass
 class RequestTrace:
     """Timing and outcome of one request, reported once at its end."""

@@ -10,7 +10,7 @@ import psutil
 from ray import serve
 
 from deployments.config import ModelConfig
-from deployments.metrics import active_streams_gauge, batch_rows_gauge
+from deployments.metrics import CacheMetrics, active_streams_gauge, batch_rows_gauge
 from deployments.types import Chunk, GenerationRequest
 
 
@@ -25,7 +25,8 @@ class ModelDeployment:
 
         self._tags = {"variant": config.variant}
         batch_rows = batch_rows_gauge()
-        self.engine = Engine(config, on_batch_rows=lambda rows: batch_rows.set(rows, tags=self._tags))
+        self.engine = Engine(config, on_batch_rows=lambda rows: batch_rows.set(rows, tags=self._tags),
+                             on_cache=CacheMetrics(config.variant).observe)
         self._active = 0
         self._active_gauge = active_streams_gauge()
 
@@ -52,8 +53,13 @@ class ModelDeployment:
 
     def process_info(self) -> dict:
         """This replica's process id, resident memory, running sequences, the rows in its batch after each of
-        the last 100 admissions and, for the last 100 rows cancelled while generating, the decode steps each
-        took to leave the batch; for operators and tests."""
+        the last 100 admissions, for the last 100 rows cancelled while generating the decode steps each
+        took to leave the batch, and its caches' bytes, hits and misses; for operators and tests."""
+        core = self.engine.core
         return {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, "running": self.engine.running,
-                "batch_sizes": list(self.engine.core.batch_sizes), "cancel_lags": list(self.engine.core.cancel_lags),
-                "cancelled_rows": self.engine.core.cancelled_rows}
+                "batch_sizes": list(core.batch_sizes), "cancel_lags": list(core.cancel_lags),
+                "cancelled_rows": core.cancelled_rows,
+                "prefix_cache": {"bytes": core.prefix_cache.bytes, "hits": core.prefix_cache.stats[0],
+                                 "misses": core.prefix_cache.stats[1]},
+                "vision_cache": {"bytes": core.vision_cache.bytes, "hits": core.vision_cache.stats[0],
+                                 "misses": core.vision_cache.stats[1]}}

@@ -21,7 +21,7 @@ from deployments.access import AccessMiddleware, AccessPolicy, route_path, send_
 from deployments.config import ModelConfig, RouterArgs
 from deployments.errors import BadRequestError, HTTPStatusError, OverloadedError, ServiceError, error_body
 from deployments.media import MediaLoader
-from deployments.metrics import RequestTrace, RouterMetrics, Status
+from deployments.metrics import CacheMetrics, RequestTrace, RouterMetrics, Status
 from deployments.protocol import (
     CompletionStream, choose_variant, collect, error_event, parsed_tools, to_generation_request,
 )
@@ -243,7 +243,7 @@ class Router:
         self._args = args
         ACCESS.configure(args.api_key, args.api_key_env, args.cors_origins, args.max_body_bytes,
                          args.max_ongoing_chats)
-        self._media = MediaLoader(args.media, _metrics().media_decode)
+        self._media = MediaLoader(args.media, _metrics().media_decode, CacheMetrics("router", ("decoded",)).observe)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def chat_page(self) -> str:

@@ -12,10 +12,14 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from deployments.sampling import RowSampling
+
+if TYPE_CHECKING:
+    from deployments.reuse import Layout, Snapshot
 
 _END = object()  # end of a row's token stream
 
@@ -26,7 +30,8 @@ class Row:
     def __init__(self, inputs: dict, sampling: RowSampling, max_tokens: int, eos_ids: set[int],
                  loop: asyncio.AbstractEventLoop, deadline: float | None = None, request_id: str = "",
                  stream_interval_s: float = 0.0, logprobs: int | None = None,
-                 downsample_mode: str | None = None, matcher=None, matcher_after: int | None = None) -> None:
+                 downsample_mode: str | None = None, matcher=None, matcher_after: int | None = None,
+                 layout: Layout | None = None) -> None:
         self.inputs: dict | None = inputs  # the processor's output for this request alone; dropped once prefilled
         self.prompt_ids = inputs["input_ids"][0]
         self.prompt_len = int(self.prompt_ids.shape[0])
@@ -43,6 +48,8 @@ class Row:
         self.timed_out = False
         self.alone = False  # prefill this row on its own (it failed in a group)
         self.downsample_mode = downsample_mode  # the vision tower's option for this request's images
+        self.layout = layout  # its media and turn ends, for the prefix and vision caches (None: not cached)
+        self.resume: Snapshot | None | bool = False  # the prefix snapshot it resumes from; False: not looked up
         # Constrained decoding: the grammar matcher of this row, enforced once `matcher_after` (the token that
         # ends the reasoning) was sampled, or from the start when it is None.
         self.matcher, self._matcher_after = matcher, matcher_after
@@ -173,20 +180,13 @@ def _flush_all(handed: list[tuple[Row, list]]) -> None:
 
 
 def merge_inputs(inputs: list[dict], pad_token_id: int) -> dict:
-    """Merge per-request processor outputs into one batch, as the processor itself would.
-
-    Token ids and masks are left-padded; pixel tensors are packed along their last axis and
-    target sizes stacked, which is how MiniCPM-V 4.6's processor packs a batch.
-    """
+    """The token ids and attention masks of several requests as one left-padded batch (pixels stay with
+    each request: the engine runs the vision tower per request, through its vision cache)."""
     width = max(x["input_ids"].shape[1] for x in inputs)
-    merged = {
+    return {
         "input_ids": torch.cat([_left_pad(x["input_ids"], width, pad_token_id) for x in inputs]),
         "attention_mask": torch.cat([_left_pad(x["attention_mask"], width, 0) for x in inputs]),
     }
-    for key in sorted({k for x in inputs for k in x} - set(merged)):
-        parts = [x[key] for x in inputs if key in x]
-        merged[key] = torch.cat(parts, dim=-1 if key.startswith("pixel_values") else 0)
-    return merged
 
 
 def _left_pad(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:

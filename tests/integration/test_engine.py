@@ -118,13 +118,14 @@ def reasoning(chunks: list[Chunk]) -> str:
 
 @contextmanager
 def forward_counter(engine: Engine) -> Iterator[list[int]]:
-    """Counts forwards of the text tower (one per generated token: the prefill, then each decode step). Observes only."""
-    calls = [0]
+    """Counts forwards of the text tower: [all, decode steps]. Observes only."""
+    calls = [0, 0]
 
-    def hook(module, args, output):
+    def hook(module, args, kwargs, output):
         calls[0] += 1
+        calls[1] += kwargs.get("inputs_embeds") is None  # a decode step feeds token ids, a prefill embeddings
 
-    handle = engine.model.model.language_model.register_forward_hook(hook)
+    handle = engine.model.model.language_model.register_forward_hook(hook, with_kwargs=True)
     try:
         yield calls
     finally:
@@ -158,7 +159,9 @@ async def test_text_request_streams_text_chunks_then_one_final_chunk_with_usage(
     assert (final.finish_reason == "length") == (final.usage.completion_tokens == 24)
     assert final.content == "" and final.reasoning == ""
     assert final.usage.prompt_tokens == instruct.prepare(req).prompt_tokens > 0
-    assert final.usage.completion_tokens == forwards[0], "one forward per generated token"
+    # The prefill samples the first token (chunked at the end of the user turn, for the prefix cache), then
+    # one decode forward per token.
+    assert final.usage.completion_tokens == forwards[1] + 1, "one decode forward per generated token after the first"
     assert 0 < final.usage.completion_tokens <= 24
     assert final.usage.total_tokens == final.usage.prompt_tokens + final.usage.completion_tokens
 

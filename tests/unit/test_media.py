@@ -34,7 +34,7 @@ from deployments.media import (
     read_data_url,
     read_local,
 )
-from deployments.schemas import VideoPart
+from deployments.schemas import ImagePart, VideoPart
 
 MiB = 1024 * 1024
 RED, BLUE = (220, 20, 20), (20, 20, 220)
@@ -544,6 +544,35 @@ async def test_loader_clamps_requested_fps_and_max_frames_to_the_server_caps():
     assert len(await sampled(MediaConfig(max_video_frames=3), fps=8, max_frames=1000)) == 3
     # Under the caps the request is honoured.
     assert len(await sampled(MediaConfig(), fps=1, max_frames=32)) == 2
+
+
+async def test_a_resent_data_url_is_decoded_once_within_the_ttl_and_per_options(monkeypatch):
+    from deployments import media as media_module
+
+    decoded = []
+    real = media_module.decode_image
+    monkeypatch.setattr(media_module, "decode_image", lambda *args: decoded.append(1) or real(*args))
+    loader = MediaLoader(MediaConfig(decoded_cache_ttl_s=60))
+    png = ImagePart.model_validate({"type": "image_url", "image_url": {"url": data_url(image_bytes("PNG"), "image/png")}})
+    first, second = await loader.load(png), await loader.load(png)
+    assert second is first and len(decoded) == 1 and (loader.decoded.hits, loader.decoded.misses) == (1, 1)
+    other = ImagePart.model_validate({"type": "image_url", "image_url": {"url": data_url(image_bytes("PNG", color=(0, 0, 9)),
+                                                                                         "image/png")}})
+    assert (await loader.load(other)).getpixel((0, 0)) == (0, 0, 9) and len(decoded) == 2
+    url = data_url(video_bytes("mp4"), "video/mp4")
+    clips = [VideoPart.model_validate({"type": "video_url", "video_url": {"url": url, "max_frames": n}}) for n in (2, 3, 2)]
+    frames = [len((await loader.load(clip)).frames) for clip in clips]
+    assert frames == [2, 3, 2] and (loader.decoded.hits, loader.decoded.misses) == (2, 4), "options are in the key"
+
+
+async def test_the_decoded_cache_expires_and_can_be_off():
+    png = ImagePart.model_validate({"type": "image_url", "image_url": {"url": data_url(image_bytes("PNG"), "image/png")}})
+    expiring = MediaLoader(MediaConfig(decoded_cache_ttl_s=0.05))
+    first = await expiring.load(png)
+    await asyncio.sleep(0.1)
+    assert await expiring.load(png) is not first, "past the ttl it is decoded again"
+    off = MediaLoader(MediaConfig(decoded_cache_bytes=0))
+    assert await off.load(png) is not await off.load(png) and len(off.decoded) == 0
 
 
 def test_a_file_that_crashes_decord_costs_a_worker_not_the_process():

@@ -1,0 +1,229 @@
+"""Reusing what earlier requests computed in this replica: a prefix cache and a vision-feature cache.
+
+Every turn of a chat resends the whole conversation. Two bounded caches (LRU by bytes) let a turn
+skip what the turn before already computed:
+
+- `VisionCache`: the vision tower's output for one image or video, keyed by a digest of its
+  decoded pixels and the processing options. A hit skips the vision tower for that item.
+- `PrefixCache`: the text tower's state at the end of a user turn: the full-attention keys and
+  values of every position before it, and the linear-attention conv and recurrent states at that
+  position (the hybrid model cannot resume from an arbitrary position: those states summarise
+  the whole prefix, so they are snapshotted exactly at turn ends, where the next turn's prompt
+  will resume). A request whose prompt starts with a stored prefix prefills only the rest.
+
+Keys: a prompt's `Layout` hashes its token ids with the digest of each image or video spliced in
+where its placeholders start (placeholder ids are the same for every image, so ids alone would
+let two pictures share an entry). The hash is cryptographic, so no client can craft a prompt that
+collides with another's entry. The caches live in the engine of one loaded checkpoint and the
+keys are namespaced by it, so nothing is shared across a change of checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from deployments.lru import ByteLRU, CacheObserver, ignore_cache_event
+from deployments.types import Video
+
+# ---- what a prompt is made of ----
+
+
+@dataclass
+class MediaItem:
+    """One image or video of a prompt: its pixels' digest and its placeholder runs (one per unit: the
+    image or frame itself and each slice), as (start, length) in the prompt and in the kind's unit order."""
+
+    kind: str  # "image" | "video"
+    digest: bytes
+    runs: list[tuple[int, int]]
+    first_unit: int  # index of its first unit among the prompt's units of this kind
+
+    @property
+    def start(self) -> int:
+        return self.runs[0][0]
+
+    @property
+    def tokens(self) -> int:
+        return sum(length for _, length in self.runs)
+
+
+@dataclass
+class Layout:
+    """A prompt's media items (in prompt order per kind) and, at each turn end, the prefix key there."""
+
+    length: int
+    media: list[MediaItem]
+    boundaries: list[tuple[int, bytes]] = field(default_factory=list)  # (position, key), increasing
+
+    @property
+    def store_at(self) -> tuple[int, bytes] | None:
+        """The last turn end before the generation prompt: where the next turn of this chat will resume."""
+        return self.boundaries[-1] if self.boundaries and self.boundaries[-1][0] < self.length else None
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """The token ids a layout reads: turn ends, the image/frame start marker and the two placeholders."""
+
+    turn_end: int
+    media_start: int
+    image: int
+    video: int
+
+
+def image_digest(image: Image.Image) -> bytes:
+    """Digest of an image's decoded pixels (mode and size included)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{image.mode}:{image.size}".encode())
+    h.update(image.tobytes())
+    return h.digest()
+
+
+def video_digest(video: Video) -> bytes:
+    """Digest of a video's sampled frames (their shape included)."""
+    frames = np.ascontiguousarray(video.frames)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{frames.shape}:{frames.dtype}".encode())
+    h.update(memoryview(frames).cast("B"))
+    return h.digest()
+
+
+def layout(ids: Sequence[int] | torch.Tensor, special: SpecialIds, images: list[Image.Image], videos: list[Video],
+           namespace: str) -> Layout | None:
+    """The layout of one prompt, or None when its placeholders do not match its media (nothing is cached then)."""
+    ids = np.asarray(ids.tolist() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
+    media: list[MediaItem] = []
+    for kind, token, items, units_per_item in (
+        ("image", special.image, images, None),
+        ("video", special.video, videos, [len(v.frames) for v in videos]),
+    ):
+        runs = _runs(ids, token)
+        starts = [i for i, (start, _) in enumerate(runs) if start > 0 and ids[start - 1] == special.media_start]
+        # An image starts at a run after the start marker (its slices follow); a video at the first of its frames.
+        if units_per_item is not None:
+            if len(starts) != sum(units_per_item):
+                return None
+            offsets = np.cumsum([0, *units_per_item[:-1]]).tolist()
+            starts = [starts[offset] for offset in offsets] if items else []
+        if len(starts) != len(items) or (runs and starts and starts[0] != 0):
+            return None
+        ends = [*starts[1:], len(runs)]
+        digest = image_digest if kind == "image" else video_digest
+        for item, first, end in zip(items, starts, ends):
+            media.append(MediaItem(kind, digest(item), runs[first:end], first))
+    media.sort(key=lambda item: item.start)
+    result = Layout(int(len(ids)), media)
+    h = hashlib.blake2b(namespace.encode(), digest_size=16)
+    events = sorted([(item.start, 0, item) for item in media]
+                    + [(int(p) + 1, 1, None) for p in np.flatnonzero(ids == special.turn_end)],
+                    key=lambda event: event[:2])
+    position = 0
+    for at, is_boundary, item in events:
+        h.update(ids[position:at].tobytes())
+        position = at
+        if is_boundary:
+            result.boundaries.append((at, h.copy().digest()))
+        else:
+            h.update(b"\0media:" + item.kind.encode() + item.digest)
+    return result
+
+
+def _runs(ids: np.ndarray, token: int) -> list[tuple[int, int]]:
+    """Maximal runs of `token` in `ids`, as (start, length)."""
+    hit = np.concatenate([[False], ids == token, [False]])
+    edges = np.flatnonzero(hit[1:] != hit[:-1])
+    return [(int(start), int(end - start)) for start, end in zip(edges[::2], edges[1::2])]
+
+
+# ---- the caches ----
+
+
+@dataclass
+class Snapshot:
+    """The text tower's state after `length` prompt positions of one sequence."""
+
+    length: int
+    keys: dict[int, torch.Tensor]  # full-attention layer -> (kv_heads, length, head_dim)
+    values: dict[int, torch.Tensor]
+    conv: dict[int, torch.Tensor]  # linear-attention layer -> conv state
+    recurrent: dict[int, torch.Tensor]  # linear-attention layer -> recurrent state
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for store in (self.keys, self.values, self.conv, self.recurrent) for t in store.values())
+
+
+class PrefixCache:
+    """Snapshots of the text tower at turn ends, bounded in bytes."""
+
+    def __init__(self, budget: int, observe: CacheObserver = ignore_cache_event) -> None:
+        self._lru = ByteLRU("prefix", budget, observe)
+        self._observe = observe
+
+    @property
+    def enabled(self) -> bool:
+        return self._lru.budget > 0
+
+    @property
+    def bytes(self) -> int:
+        return self._lru.bytes
+
+    @property
+    def stats(self) -> tuple[int, int]:
+        return self._lru.hits, self._lru.misses
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._lru
+
+    def longest(self, prompt: Layout) -> Snapshot | None:
+        """The snapshot of the longest stored prefix of `prompt` (at least one position must remain to
+        prefill, for the logits of the first token); counted as one hit or miss."""
+        for position, key in reversed(prompt.boundaries):
+            if position >= prompt.length:
+                continue
+            snapshot = self._lru.get(key, count=False)
+            if snapshot is not None:
+                self._lru.count(True)
+                self._observe("prefix", "hit_tokens", snapshot.length)
+                return snapshot
+        self._lru.count(False)
+        return None
+
+    def store(self, key: bytes, snapshot: Snapshot) -> None:
+        self._lru.put(key, snapshot, snapshot.nbytes)
+
+
+class VisionCache:
+    """The vision tower's features per image or video, bounded in bytes."""
+
+    def __init__(self, budget: int, observe: CacheObserver = ignore_cache_event) -> None:
+        self._lru = ByteLRU("vision", budget, observe)
+
+    @property
+    def enabled(self) -> bool:
+        return self._lru.budget > 0
+
+    @property
+    def bytes(self) -> int:
+        return self._lru.bytes
+
+    @property
+    def stats(self) -> tuple[int, int]:
+        return self._lru.hits, self._lru.misses
+
+    @staticmethod
+    def key(item: MediaItem, options: str) -> bytes:
+        return item.kind.encode() + b":" + options.encode() + b":" + item.digest
+
+    def get(self, item: MediaItem, options: str) -> torch.Tensor | None:
+        return self._lru.get(self.key(item, options))
+
+    def put(self, item: MediaItem, options: str, features: torch.Tensor) -> None:
+        self._lru.put(self.key(item, options), features, features.numel() * features.element_size())

@@ -1,0 +1,171 @@
+"""The prefix and vision-feature caches on the real tiny checkpoints: what they skip, and that greedy
+output is exactly what an engine without them generates."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deployments.config import ModelConfig
+from deployments.engine import Engine
+from deployments.types import ChatMessage, GenerationRequest, SamplingParams, Video
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def engine(checkpoints, variant: str = "instruct", **settings) -> Engine:
+    return Engine(ModelConfig(variant=variant, checkpoint=str(checkpoints[variant]), torch_threads=1, **settings))
+
+
+@pytest.fixture(scope="module")
+def cold(tiny_checkpoints) -> dict[str, Engine]:
+    """Engines with both caches off: the reference."""
+    return {v: engine(tiny_checkpoints, v, prefix_cache_bytes=0, vision_cache_bytes=0) for v in ("instruct", "thinking")}
+
+
+def picture(seed: int, size=(400, 300)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def clip(seed: int, frames: int = 4) -> Video:
+    pixels = np.random.default_rng(seed).integers(0, 256, (frames, 48, 64, 3), dtype=np.uint8)
+    return Video(pixels, 10.0, frames / 10, list(range(frames)), frames)
+
+
+def chat(first: list, turns: int, thinking: bool = False, max_tokens: int = 12, **sampling) -> GenerationRequest:
+    """A conversation of `turns` user turns that keeps `first` (media and text) in its first turn."""
+    messages = [ChatMessage("user", first)]
+    for i in range(turns - 1):
+        messages += [ChatMessage("assistant", [f"answer number {i} " * 4]), ChatMessage("user", [f"and then {i}?"])]
+    return GenerationRequest(messages, enable_thinking=thinking,
+                             sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, **sampling))
+
+
+async def generate(engine: Engine, request: GenerationRequest) -> tuple[list[int], str]:
+    """The generated ids (through the row) and the text."""
+    text = []
+    async for chunk in engine.stream(request):
+        text.append((chunk.reasoning or "") + (chunk.content or ""))
+    return text, "".join(text)
+
+
+class Forwards:
+    """Counts the prompt positions the text tower prefills and the vision tower calls of an engine."""
+
+    def __init__(self, engine: Engine, monkeypatch) -> None:
+        self.prefilled, self.vision_units = [], 0
+        text, inner = engine.core.text, engine.model.model
+
+        def counting_text(*args, **kwargs):
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is not None:
+                self.prefilled.append(embeds.shape[0] * embeds.shape[1])
+            return text(*args, **kwargs)
+
+        def counting(tower):
+            def wrapped(pixels, sizes, **kwargs):
+                self.vision_units += int(sizes.shape[0])
+                return tower(pixels, sizes, **kwargs)
+            return wrapped
+
+        monkeypatch.setattr(engine.core, "text", counting_text)
+        monkeypatch.setattr(inner, "get_image_features", counting(inner.get_image_features))
+        monkeypatch.setattr(inner, "get_video_features", counting(inner.get_video_features))
+
+
+@pytest.mark.parametrize("variant", ["instruct", "thinking"])
+async def test_later_turns_resume_from_the_prefix_and_answer_exactly_as_without_caches(tiny_checkpoints, cold,
+                                                                                     variant, monkeypatch):
+    warm = engine(tiny_checkpoints, variant)
+    forwards = Forwards(warm, monkeypatch)
+    first = [picture(1), "what is in this picture?"]
+    previous = None
+    for turns in (1, 2, 3, 5):
+        request = chat(first, turns, thinking=variant == "thinking")
+        forwards.prefilled.clear()
+        hits_before = warm.core.prefix_cache.stats[0]
+        got, expected = await generate(warm, request), await generate(cold[variant], request)
+        assert got[1] == expected[1], f"turn {turns}: the caches changed the greedy answer"
+        prompt = warm.prepare(request).prompt_tokens
+        if previous is None:
+            assert sum(forwards.prefilled) == prompt and forwards.vision_units > 0
+        else:
+            assert warm.core.prefix_cache.stats[0] == hits_before + 1
+            # It resumed where the previous request's last user turn ended: only the rest was prefilled.
+            resumed_at = warm.prepare(previous).layout.store_at[0]
+            assert sum(forwards.prefilled) == prompt - resumed_at
+        previous = request
+    assert forwards.vision_units == 3, "the image's units went through the vision tower once, in turn 1"
+
+
+async def test_a_resent_image_in_a_new_chat_skips_the_vision_tower(tiny_checkpoints, cold, monkeypatch):
+    warm = engine(tiny_checkpoints)
+    forwards = Forwards(warm, monkeypatch)
+    image = picture(2)
+    await generate(warm, chat([image, "describe it"], 1))
+    units = forwards.vision_units
+    other = chat(["a different opening", image, "what now?"], 1)  # no shared prefix: only the features repeat
+    assert (await generate(warm, other))[1] == (await generate(cold["instruct"], other))[1]
+    assert forwards.vision_units == units, "the features came from the vision cache"
+    assert warm.core.vision_cache.stats == (1, 1)
+
+
+async def test_two_pictures_with_the_same_text_never_share_an_entry(tiny_checkpoints, cold):
+    warm = engine(tiny_checkpoints)
+    a, b = chat([picture(3), "what is it?"], 2), chat([picture(4), "what is it?"], 2)
+    expected_a, expected_b = (await generate(cold["instruct"], a))[1], (await generate(cold["instruct"], b))[1]
+    assert expected_a != expected_b, "precondition: the two pictures give different answers"
+    await generate(warm, chat([picture(3), "what is it?"], 1))
+    assert (await generate(warm, a))[1] == expected_a
+    assert (await generate(warm, b))[1] == expected_b, "b must not resume from a's prefix"
+
+
+async def test_a_video_chat_resumes_too(tiny_checkpoints, cold):
+    warm = engine(tiny_checkpoints)
+    first = [clip(5), "what happens?"]
+    for turns in (1, 2, 4):
+        request = chat(first, turns)
+        assert (await generate(warm, request))[1] == (await generate(cold["instruct"], request))[1]
+    assert warm.core.prefix_cache.stats == (2, 1)
+
+
+async def test_requests_arriving_together_some_resuming_answer_as_alone(tiny_checkpoints, cold):
+    warm = engine(tiny_checkpoints)
+    firsts = [[picture(10 + i), f"picture {i}"] for i in range(3)]
+    for first in firsts[:2]:
+        await generate(warm, chat(first, 1))
+    requests = [chat(first, 2) for first in firsts] + [chat(["plain text only"], 1), chat(firsts[0], 3)]
+    got = await asyncio.gather(*(generate(warm, request) for request in requests))
+    for request, (_, text) in zip(requests, got):
+        assert text == (await generate(cold["instruct"], request))[1]
+    assert warm.core.prefix_cache.stats[0] >= 2, "the two chats seen before resumed"
+
+
+async def test_the_caches_stay_within_their_budgets(tiny_checkpoints):
+    warm = engine(tiny_checkpoints, prefix_cache_bytes=120_000, vision_cache_bytes=8_000)
+    for i in range(8):
+        await generate(warm, chat([picture(20 + i), f"chat {i}"], 2, max_tokens=2))
+    prefix, vision = warm.core.prefix_cache, warm.core.vision_cache
+    assert 0 < prefix.bytes <= 120_000 and 0 < vision.bytes <= 8_000
+    assert len(prefix._lru) < 8 and len(vision._lru) < 8, "older entries were evicted"
+
+
+async def test_downsample_modes_do_not_share_features_or_prefixes(tiny_checkpoints, cold):
+    warm = engine(tiny_checkpoints)
+    image = picture(30)
+    for mode, question in (("16x", "what?"), ("4x", "what?"), ("16x", "anything else?")):
+        request = chat([image, question], 2)
+        request.downsample_mode = mode
+        assert (await generate(warm, request))[1] == (await generate(cold["instruct"], request))[1]
+    assert warm.core.prefix_cache.stats == (0, 3), "the 4x chat did not resume from the 16x one"
+    assert warm.core.vision_cache.stats == (1, 2), "each mode computed once; the third request reused 16x"

@@ -1,0 +1,91 @@
+"""The prefix/vision cache keys (a prompt's layout) and the byte-bounded LRU, on synthetic ids."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from deployments.lru import ByteLRU
+from deployments.reuse import SpecialIds, layout
+from deployments.types import Video
+
+SPECIAL = SpecialIds(turn_end=9, media_start=7, image=5, video=6)
+SLICE = 8  # a slice marker: not the media start, so a run after it continues the image before
+
+
+def picture(value: int) -> Image.Image:
+    return Image.new("RGB", (4, 4), (value, 0, 0))
+
+
+def clip(frames: int, value: int = 0) -> Video:
+    return Video(np.full((frames, 4, 4, 3), value, np.uint8), 10.0, frames / 10, list(range(frames)), frames)
+
+
+# user: image (2 units) + text | turn end | user: video of 2 frames + text | turn end | generation prompt
+IDS = [1, 7, 5, 5, SLICE, 5, 5, 2, 9, 3, 7, 6, 6, 7, 6, 6, 4, 9, 11, 12]
+
+
+def test_layout_finds_each_item_its_units_and_every_turn_end():
+    found = layout(IDS, SPECIAL, [picture(1)], [clip(2)], "ns")
+    image, video = found.media
+    assert (image.kind, image.runs, image.first_unit, image.tokens) == ("image", [(2, 2), (5, 2)], 0, 4)
+    assert (video.kind, video.runs, video.first_unit, video.tokens) == ("video", [(11, 2), (14, 2)], 0, 4)
+    assert [position for position, _ in found.boundaries] == [9, 18]
+    assert found.store_at == found.boundaries[-1]
+
+
+def test_a_prefix_key_depends_on_the_pixels_of_the_media_before_it_and_only_those():
+    a = layout(IDS, SPECIAL, [picture(1)], [clip(2, 0)], "ns")
+    other_image = layout(IDS, SPECIAL, [picture(2)], [clip(2, 0)], "ns")
+    other_video = layout(IDS, SPECIAL, [picture(1)], [clip(2, 9)], "ns")
+    assert a.boundaries[0][1] != other_image.boundaries[0][1], "same ids, another picture: another prefix"
+    assert a.boundaries[0][1] == other_video.boundaries[0][1], "the video comes after the first turn end"
+    assert a.boundaries[1][1] != other_video.boundaries[1][1]
+    assert layout(IDS, SPECIAL, [picture(1)], [clip(2, 0)], "ns").boundaries == a.boundaries, "deterministic"
+
+
+def test_a_prefix_key_depends_on_every_id_before_it_and_on_the_namespace():
+    a = layout(IDS, SPECIAL, [picture(1)], [clip(2)], "ns")
+    changed = list(IDS)
+    changed[10 + 6] = 40  # text after the video, inside the second turn
+    b = layout(changed, SPECIAL, [picture(1)], [clip(2)], "ns")
+    assert a.boundaries[0] == b.boundaries[0] and a.boundaries[1] != b.boundaries[1]
+    assert layout(IDS, SPECIAL, [picture(1)], [clip(2)], "other").boundaries[0][1] != a.boundaries[0][1]
+
+
+def test_a_turn_that_extends_the_chat_shares_the_earlier_turn_ends_keys():
+    first = layout(IDS[:9] + [11, 12], SPECIAL, [picture(1)], [], "ns")
+    second = layout(IDS, SPECIAL, [picture(1)], [clip(2)], "ns")
+    assert first.store_at == second.boundaries[0]
+
+
+def test_placeholders_that_do_not_match_the_media_give_no_layout():
+    assert layout(IDS, SPECIAL, [], [clip(2)], "ns") is None, "an image run without an image"
+    assert layout(IDS, SPECIAL, [picture(1), picture(2)], [clip(2)], "ns") is None
+    assert layout(IDS, SPECIAL, [picture(1)], [clip(3)], "ns") is None, "frames do not match the runs"
+
+
+def test_a_prompt_ending_at_a_turn_end_has_nothing_to_store():
+    found = layout([1, 2, 9], SPECIAL, [], [], "ns")
+    assert found.boundaries == [(3, found.boundaries[0][1])] and found.store_at is None
+
+
+def test_byte_lru_evicts_the_least_recently_used_to_stay_within_budget():
+    events = []
+    lru = ByteLRU("prefix", budget=100, observe=lambda *event: events.append(event))
+    lru.put(b"a", "A", 40)
+    lru.put(b"b", "B", 40)
+    assert lru.get(b"a") == "A"  # now b is the least recently used
+    lru.put(b"c", "C", 40)
+    assert b"b" not in lru and b"a" in lru and b"c" in lru and lru.bytes == 80
+    assert lru.get(b"b") is None
+    assert (lru.hits, lru.misses) == (1, 1)
+    assert not lru.put(b"huge", "H", 101) and lru.bytes == 80, "an entry over the budget is not stored"
+    lru.put(b"a", "A2", 60)  # replacing an entry frees its old size first
+    assert lru.bytes == 100 and lru.get(b"a") == "A2" and len(lru) == 2
+    assert ("prefix", "hit", 1) in events and ("prefix", "miss", 1) in events and ("prefix", "bytes", 100) in events
+
+
+def test_a_zero_budget_stores_nothing():
+    lru = ByteLRU("vision", budget=0)
+    assert not lru.put(b"a", "A", 1) and len(lru) == 0
