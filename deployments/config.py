@@ -153,6 +153,11 @@ class VariantArgs(BaseModel):
 
     model: ModelSettings = Field(default_factory=ModelSettings)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    chat_affinity: bool = Field(
+        default=True,
+        description="Send the turns of one chat to the same replica (the one holding its prefix and vision "
+        "caches) unless that replica has a full batch running; false: Ray Serve's default power of two choices.",
+    )
 
     def serve_options(self) -> dict:
         """Deployment options with queue sizes derived from the batch size where not set.
@@ -166,6 +171,9 @@ class VariantArgs(BaseModel):
         options.setdefault("max_ongoing_requests", 2 * batch)
         if "autoscaling_config" in options:
             options["autoscaling_config"] = {"target_ongoing_requests": batch, **options["autoscaling_config"]}
+        if self.chat_affinity:
+            options["request_router_config"] = {"request_router_class": "deployments.affinity:ChatAffinityRouter",
+                                                "request_router_kwargs": {"busy_requests": batch}}
         return options
 
 

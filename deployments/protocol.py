@@ -6,6 +6,7 @@ Pure functions over the schemas and types: the router calls them, tests call the
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -107,7 +108,20 @@ async def to_generation_request(
     tools = [tool.model_dump(exclude_none=True) for tool in request.tools or []] if request.uses_tools else None
     return GenerationRequest(messages=messages, enable_thinking=enable_thinking, sampling=sampling,
                              request_id=request_id, downsample_mode=mm.downsample_mode if mm else None,
-                             tools=tools, constraint=constraint(request))
+                             tools=tools, constraint=constraint(request), affinity=affinity(request))
+
+
+def affinity(request: ChatCompletionRequest) -> str:
+    """A digest of the chat's opening: its messages up to the first user message (system prompt, tools and
+    media URLs included), which every later turn of the chat resends unchanged."""
+    opening = []
+    for message in request.messages:
+        opening.append(message.model_dump(mode="json", exclude_none=True))
+        if message.role == "user":
+            break
+    tools = [tool.model_dump(mode="json", exclude_none=True) for tool in request.tools or []]
+    text = json.dumps([opening, tools], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def constraint(request: ChatCompletionRequest) -> Constraint | None:

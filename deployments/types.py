@@ -77,6 +77,8 @@ class GenerationRequest:
     downsample_mode: Literal["16x", "4x"] | None = None  # None: the checkpoint's default (16x)
     tools: list[dict] | None = None  # function definitions rendered into the prompt by the chat template
     constraint: Constraint | None = None
+    # Digest of the chat's opening (what every later turn resends): its turns share a home replica.
+    affinity: str | None = None
 
 
 @dataclass

@@ -77,6 +77,15 @@ def test_queue_sizes_follow_the_batch_size_unless_set():
     assert explicit["max_ongoing_requests"] == 3 and explicit["autoscaling_config"]["target_ongoing_requests"] == 1
 
 
+def test_model_deployments_route_by_chat_affinity_unless_turned_off():
+    from deployments.config import VariantArgs
+
+    options = VariantArgs.model_validate({"model": {"max_batch_size": 6}}).serve_options()
+    assert options["request_router_config"] == {"request_router_class": "deployments.affinity:ChatAffinityRouter",
+                                                "request_router_kwargs": {"busy_requests": 6}}
+    assert "request_router_config" not in VariantArgs(chat_affinity=False).serve_options()
+
+
 def test_router_accepts_many_streams_unless_told_otherwise_and_serve_leaves_it_room_to_refuse():
     from deployments.config import ROUTER_HEADROOM, RouterArgs
 

@@ -1,0 +1,91 @@
+"""The caches through the running service: a chat's later turns resume in the replica, the router decodes
+a resent image once, the metrics count it, and with several replicas the turns of a chat find theirs."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.integration.conftest import FULL_APP, app_args, process_info, temporary_app
+from tests.integration.test_observability import scrape, value
+from tests.integration.test_service import CHAT
+from tests.waiting import wait_until
+
+
+def turns(client: httpx.Client, path: str, image: str, count: int, model: str = "instruct") -> list[dict]:
+    """A chat of `count` user turns that keeps `image` in its first; each answer goes back into the history."""
+    messages, answers = [], []
+    for k in range(count):
+        content = [{"type": "text", "text": f"question {k}"}]
+        if k == 0:
+            content.insert(0, {"type": "image_url", "image_url": {"url": image}})
+        messages.append({"role": "user", "content": content})
+        response = client.post(f"{path}{CHAT}", json={"model": model, "messages": messages, "max_tokens": 4,
+                                                      "temperature": 0})
+        assert response.status_code == 200, response.text
+        answers.append(response.json())
+        messages.append({"role": "assistant", "content": answers[-1]["choices"][0]["message"]["content"]})
+    return answers
+
+
+def test_a_chats_later_turns_resume_from_the_prefix_and_the_metrics_count_it(client, metrics_port):
+    before_replica = process_info(FULL_APP, "instruct")["prefix_cache"]
+    before = scrape(metrics_port)
+    turns(client, "", _image(200), 3)  # an image no other test sends: its first decode is a miss
+    after_replica = process_info(FULL_APP, "instruct")["prefix_cache"]
+    assert after_replica["hits"] - before_replica["hits"] == 2, "turns 2 and 3 resumed"
+    assert 0 < after_replica["bytes"]
+
+    def counted():
+        now = scrape(metrics_port)
+        def grew(name, **labels):
+            return value(now, name, **labels) - value(before, name, **labels)
+        ok = (grew("ray_minicpm_cache_lookups_total", cache="prefix", result="hit") == 2
+              and grew("ray_minicpm_prefix_cache_hit_tokens_total") > 0
+              and grew("ray_minicpm_cache_lookups_total", cache="decoded", result="hit") == 2
+              and value(now, "ray_minicpm_cache_bytes", cache="prefix") > 0)
+        return ok
+
+    wait_until(counted, timeout=60, interval=0.5, what="the cache metrics of the chat")
+
+
+@pytest.mark.timeout(300)
+def test_with_two_replicas_every_later_turn_reaches_the_replica_holding_its_chat(serve_url):
+    """Ten chats of two turns: every second turn resumes from the prefix cache, so each went to the replica
+    that served its first turn (power of two choices would send about half elsewhere)."""
+    args = app_args(thinking=None, router={"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}})
+    args["instruct"]["deployment"] = {**args["instruct"]["deployment"], "num_replicas": 2,
+                                      "ray_actor_options": {"num_cpus": 0.1}}
+    with temporary_app("affinity", "/affinity", args), httpx.Client(base_url=serve_url, timeout=120) as http:
+        for chat in range(10):
+            turns(http, "/affinity", _image(chat), 2)
+        infos = _every_replica("affinity", "instruct", 2)
+    assert sum(info["prefix_cache"]["hits"] for info in infos) == 10
+    assert sum(info["prefix_cache"]["misses"] for info in infos) == 10, "each first turn missed, once"
+
+
+def _image(seed: int) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 32), (seed * 20 % 256, 90, 160)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _every_replica(app: str, deployment: str, replicas: int) -> list[dict]:
+    """process_info of each replica (calls without an affinity key land on replicas at random)."""
+    seen: dict[int, dict] = {}
+
+    def ask() -> bool:
+        with ThreadPoolExecutor(1) as pool:
+            info = pool.submit(process_info, app, deployment).result()
+        seen[info["pid"]] = info
+        return len(seen) == replicas
+
+    wait_until(ask, timeout=60, interval=0.05, what=f"answers from all {replicas} replicas")
+    return list(seen.values())
