@@ -83,7 +83,7 @@ def cache_info() -> dict:
     from ray import serve
 
     info = serve.get_deployment_handle("instruct", app_name="bench").process_info.remote().result()
-    return {"prefix_cache": info["prefix_cache"], "vision_cache": info["vision_cache"]}
+    return {name: info[name] for name in ("prefix_cache", "vision_cache", "processor_cache") if name in info}
 
 
 def main() -> None:
@@ -93,13 +93,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the model replica")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-tokens", type=int, default=None,
+                        help="model.prefix_cache_min_tokens for the caches-on run (default: the service's)")
     args = parser.parse_args()
 
     report = {}
     for label, budget in (("caches on", None), ("caches off", 0)):
         model = {"checkpoint": f"preset:{args.preset}", "torch_threads": args.threads}
         if budget is not None:
-            model |= {"prefix_cache_bytes": budget, "vision_cache_bytes": budget}
+            model |= {"prefix_cache_bytes": budget, "vision_cache_bytes": budget, "processor_cache_bytes": budget}
+        elif args.min_tokens is not None:
+            model |= {"prefix_cache_min_tokens": args.min_tokens}
         url = start_app({"instruct": {"model": model}, "thinking": None})
         turn(httpx.Client(base_url=url, timeout=600), [{"role": "user", "content": "warm up"}], 2)
         rounds = chat_rounds(url, args.rounds, args.tokens, args.seed)

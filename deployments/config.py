@@ -60,12 +60,25 @@ class ModelSettings(BaseModel):
         description="Memory (on the model's device) for the prefix cache: the text tower's state at the end of "
         "each chat's last user turn, so that its next turn prefills only what is new. 0: off. An entry costs the "
         "full-attention keys/values of its prefix plus a fixed linear-attention state (about 19 MiB at the real "
-        "model's size, 0.4 MiB for the small preset).",
+        "model's size, 0.45 MiB for the small preset).",
+    )
+    prefix_cache_min_tokens: int = Field(
+        default=256, ge=1,
+        description="A prompt is stored in the prefix cache when its last user turn ends this many tokens or more "
+        "past the point it resumed from (the start, or an earlier snapshot), or when that part holds an image or "
+        "video. Storing costs one more prefill forward; below this, a later turn prefills the text in the same "
+        "forward as its own.",
     )
     vision_cache_bytes: int = Field(
         default=256 * MiB, ge=0,
         description="Memory (on the model's device) for the vision-feature cache: the vision tower's output per "
         "image or video, keyed by its pixels and options, so that a resent image skips the tower. 0: off.",
+    )
+    processor_cache_bytes: int = Field(
+        default=128 * MiB, ge=0,
+        description="Memory (host) for the image processor's output per image (resized, sliced, normalised "
+        "pixels), keyed by the image's pixels and the options, so that an image a chat resends every turn is "
+        "processed once. 0: off.",
     )
     prefill_chunk_tokens: int = Field(
         default=512, ge=16,

@@ -272,8 +272,8 @@ class EngineCore:
         if not self.prefix_cache.enabled:
             return stores
         for index, lead in enumerate(leads):
-            point = lead.layout.store_at if lead.layout is not None else None
-            if point is None or point[1] in self.prefix_cache:
+            point = self.prefix_cache.worth_storing(lead.layout, past) if lead.layout is not None else None
+            if point is None:
                 continue
             column = width - lead.prompt_len + point[0] - past
             if column > 0:
@@ -337,9 +337,9 @@ class EngineCore:
             found = [features if features is not None else computed[id(item)] for item, features in zip(items, found)]
         return torch.cat(found)
 
-    def _prefill_chunk(self, prefill: _Prefill) -> torch.Tensor:
-        """Forward the next chunk of the group's prompts; the logits of its last position (rows, vocab).
-        Snapshots the families whose last turn ends where the chunk ends."""
+    def _prefill_chunk(self, prefill: _Prefill) -> torch.Tensor | None:
+        """Forward the next chunk of the group's prompts; after the last chunk, the logits of the last
+        position (rows, vocab), else None. Snapshots the families whose last turn ends where the chunk ends."""
         self._mark_progress()
         start, end, past = prefill.offset, prefill.chunk_end(), prefill.past
         hidden = self.text(
@@ -350,7 +350,7 @@ class EngineCore:
         for index, key in prefill.stores.get(end, []):
             lead = prefill.families[index][0]
             self.prefix_cache.store(key, prefill.snapshot(index, lead.layout.store_at[0]))
-        return self.lm_head(hidden[:, -1])
+        return self.lm_head(hidden[:, -1]) if prefill.done else None
 
     def _prefill_failed(self, group: list[Family], exc: Exception) -> None:
         """A group that failed is retried one prompt at a time, so only the culprit fails."""

@@ -57,6 +57,9 @@ class Engine:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.processor, self.model = checkpoint.load(config.checkpoint, config.variant, config.dtype, config.device)
+        if config.processor_cache_bytes:
+            self.processor.image_processor = reuse.CachingImageProcessor(
+                self.processor.image_processor, config.processor_cache_bytes, on_cache)
         self.tokenizer = self.processor.tokenizer
         self._control_texts = control_texts(self.tokenizer)
         text_config = self.model.config.get_text_config()
@@ -75,7 +78,8 @@ class Engine:
         self.core = EngineCore(
             self.model, config.max_batch_size, self.max_model_len, pad, config.batch_wait_ms / 1000,
             config.continuous_batching, config.prefill_chunk_tokens, on_batch_rows,
-            reuse.PrefixCache(config.prefix_cache_bytes, on_cache), reuse.VisionCache(config.vision_cache_bytes, on_cache),
+            reuse.PrefixCache(config.prefix_cache_bytes, on_cache, config.prefix_cache_min_tokens),
+            reuse.VisionCache(config.vision_cache_bytes, on_cache),
         )
 
     @property

@@ -29,6 +29,7 @@ from aiohttp.resolver import ThreadedResolver
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from deployments.config import MediaConfig
+from deployments.digest import stamp_image, stamp_video
 from deployments.errors import MediaError, MediaRefusedError, PayloadTooLargeError
 from deployments.lru import ByteLRU, CacheObserver, ignore_cache_event
 from deployments.schemas import ImagePart, VideoPart
@@ -85,13 +86,14 @@ class MediaLoader:
         if image:
             data = await self._read(url, "image", self.config.max_image_bytes)
             async with self._decoding:
-                item = await asyncio.to_thread(decode_image, data, self.config.max_image_pixels)
+                item = await asyncio.to_thread(lambda: stamp_image(decode_image(data, self.config.max_image_pixels)))
         else:
             data = await self._read(url, "video", self.config.max_video_bytes)
             async with self._decoding:
                 item = await asyncio.to_thread(self._videos.decode, data, fps, max_frames,
                                                self.config.max_video_duration_s, self.config.max_video_frame_pixels,
                                                budget)
+                item = await asyncio.to_thread(stamp_video, item)
         if key is not None:
             size = item.width * item.height * len(item.getbands()) if image else item.frames.nbytes
             self.decoded.put(key, (item, time.monotonic() + self.config.decoded_cache_ttl_s), size)

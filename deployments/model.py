@@ -26,7 +26,7 @@ class ModelDeployment:
         self._tags = {"variant": config.variant}
         batch_rows = batch_rows_gauge()
         self.engine = Engine(config, on_batch_rows=lambda rows: batch_rows.set(rows, tags=self._tags),
-                             on_cache=CacheMetrics(config.variant).observe)
+                             on_cache=CacheMetrics(config.variant, ("prefix", "vision", "processor")).observe)
         self._active = 0
         self._active_gauge = active_streams_gauge()
 
@@ -55,11 +55,17 @@ class ModelDeployment:
         """This replica's process id, resident memory, running sequences, the rows in its batch after each of
         the last 100 admissions, for the last 100 rows cancelled while generating the decode steps each
         took to leave the batch, and its caches' bytes, hits and misses; for operators and tests."""
+        from deployments.reuse import CachingImageProcessor
+
         core = self.engine.core
-        return {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, "running": self.engine.running,
+        info = {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, "running": self.engine.running,
                 "batch_sizes": list(core.batch_sizes), "cancel_lags": list(core.cancel_lags),
                 "cancelled_rows": core.cancelled_rows,
                 "prefix_cache": {"bytes": core.prefix_cache.bytes, "hits": core.prefix_cache.stats[0],
                                  "misses": core.prefix_cache.stats[1]},
                 "vision_cache": {"bytes": core.vision_cache.bytes, "hits": core.vision_cache.stats[0],
                                  "misses": core.vision_cache.stats[1]}}
+        processor = self.engine.processor.image_processor
+        if isinstance(processor, CachingImageProcessor):
+            info["processor_cache"] = {"bytes": processor.bytes, "hits": processor.stats[0], "misses": processor.stats[1]}
+        return info

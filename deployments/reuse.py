@@ -21,6 +21,7 @@ keys are namespaced by it, so nothing is shared across a change of checkpoint.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from deployments.digest import image_digest, video_digest
 from deployments.lru import ByteLRU, CacheObserver, ignore_cache_event
 from deployments.types import Video
 
@@ -75,23 +77,6 @@ class SpecialIds:
     media_start: int
     image: int
     video: int
-
-
-def image_digest(image: Image.Image) -> bytes:
-    """Digest of an image's decoded pixels (mode and size included)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{image.mode}:{image.size}".encode())
-    h.update(image.tobytes())
-    return h.digest()
-
-
-def video_digest(video: Video) -> bytes:
-    """Digest of a video's sampled frames (their shape included)."""
-    frames = np.ascontiguousarray(video.frames)
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{frames.shape}:{frames.dtype}".encode())
-    h.update(memoryview(frames).cast("B"))
-    return h.digest()
 
 
 def layout(ids: Sequence[int] | torch.Tensor, special: SpecialIds, images: list[Image.Image], videos: list[Video],
@@ -161,11 +146,28 @@ class Snapshot:
 
 
 class PrefixCache:
-    """Snapshots of the text tower at turn ends, bounded in bytes."""
+    """Snapshots of the text tower at turn ends, bounded in bytes.
 
-    def __init__(self, budget: int, observe: CacheObserver = ignore_cache_event) -> None:
+    Storing splits a prefill at the turn's end: one more forward, which costs the most on a small
+    batch (a forward reads every weight, whatever its token count). So a prompt is stored only when
+    that buys enough: its last turn ends `min_tokens` or more past where it resumed from, or the part
+    since holds an image or video (vision work a later turn must not redo). Later turns of a chat then
+    resume from its last snapshot and prefill the text since in one forward, until that text is long
+    enough to store again.
+    """
+
+    def __init__(self, budget: int, observe: CacheObserver = ignore_cache_event, min_tokens: int = 1) -> None:
         self._lru = ByteLRU("prefix", budget, observe)
         self._observe = observe
+        self.min_tokens = min_tokens
+
+    def worth_storing(self, prompt: Layout, past: int = 0) -> tuple[int, bytes] | None:
+        """Where to snapshot `prompt` (resumed from position `past`) for its chat's next turn, or None."""
+        point = prompt.store_at
+        if point is None or point[0] <= past or point[1] in self._lru:
+            return None
+        new_media = any(past <= item.start < point[0] for item in prompt.media)
+        return point if new_media or point[0] - past >= self.min_tokens else None
 
     @property
     def enabled(self) -> bool:
@@ -227,3 +229,58 @@ class VisionCache:
 
     def put(self, item: MediaItem, options: str, features: torch.Tensor) -> None:
         self._lru.put(self.key(item, options), features, features.numel() * features.element_size())
+
+
+class CachingImageProcessor:
+    """Wraps the checkpoint's image processor: each image's output (resized, sliced and normalised pixels
+    with its grid) is kept, keyed by the image's digest and the call's options, so an image a chat resends
+    every turn is processed once. The outputs of several images are merged as the processor packs a batch
+    (pixels along their last axis). Called from several request threads at once."""
+
+    def __init__(self, inner, budget: int, observe: CacheObserver = ignore_cache_event) -> None:
+        self.inner = inner
+        self._lru = ByteLRU("processor", budget, observe)
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str):  # everything else is the wrapped processor's
+        return getattr(self.inner, name)
+
+    @property
+    def stats(self) -> tuple[int, int]:
+        return self._lru.hits, self._lru.misses
+
+    @property
+    def bytes(self) -> int:
+        return self._lru.bytes
+
+    def __call__(self, images, **kwargs):
+        from transformers.image_processing_utils import BatchFeature
+
+        flat = _flatten(images)
+        if not flat or not all(isinstance(image, Image.Image) for image in flat):
+            return self.inner(images, **kwargs)
+        options = repr(sorted(kwargs.items())).encode()
+        keys = [hashlib.blake2b(options + image_digest(image), digest_size=16).digest() for image in flat]
+        with self._lock:
+            outputs = [self._lru.get(key) for key in keys]
+        for i, (image, key) in enumerate(zip(flat, keys)):
+            if outputs[i] is None:
+                outputs[i] = self.inner([image], **kwargs)
+                size = sum(v.numel() * v.element_size() for v in outputs[i].values() if isinstance(v, torch.Tensor))
+                with self._lock:
+                    self._lru.put(key, outputs[i], size)
+        merged = {}
+        for name in outputs[0].keys():
+            values = [output[name] for output in outputs]
+            if isinstance(values[0], torch.Tensor):
+                merged[name] = torch.cat(values, dim=-1 if name.startswith("pixel_values") else 0)
+            else:
+                merged[name] = [item for value in values for item in value]
+        return BatchFeature(merged)
+
+
+def _flatten(images) -> list:
+    """The images of a processor call, in order (one list per sample, or one flat list, or one image)."""
+    if isinstance(images, (list, tuple)):
+        return [image for item in images for image in _flatten(item)]
+    return [images]

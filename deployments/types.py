@@ -21,6 +21,7 @@ class Video:
     duration: float  # seconds, of the source video
     frame_indices: list[int]  # indices of `frames` in the source video
     total_num_frames: int
+    digest: bytes = b""  # of the frames, set by the router after decoding (deployments.digest)
 
 
 # One part of a message's content: text, an image or a video.

@@ -86,26 +86,45 @@ class Forwards:
 @pytest.mark.parametrize("variant", ["instruct", "thinking"])
 async def test_later_turns_resume_from_the_prefix_and_answer_exactly_as_without_caches(tiny_checkpoints, cold,
                                                                                      variant, monkeypatch):
+    """With the default threshold, the first turn (it has the image) is stored; the later, short turns resume
+    from it and prefill the text since in one forward, storing nothing more."""
     warm = engine(tiny_checkpoints, variant)
     forwards = Forwards(warm, monkeypatch)
     first = [picture(1), "what is in this picture?"]
-    previous = None
+    stored_at = None
     for turns in (1, 2, 3, 5):
         request = chat(first, turns, thinking=variant == "thinking")
         forwards.prefilled.clear()
         hits_before = warm.core.prefix_cache.stats[0]
         got, expected = await generate(warm, request), await generate(cold[variant], request)
         assert got[1] == expected[1], f"turn {turns}: the caches changed the greedy answer"
-        prompt = warm.prepare(request).prompt_tokens
-        if previous is None:
-            assert sum(forwards.prefilled) == prompt and forwards.vision_units > 0
+        prepared = warm.prepare(request)
+        if stored_at is None:
+            assert sum(forwards.prefilled) == prepared.prompt_tokens and forwards.vision_units > 0
+            assert len(forwards.prefilled) == 2, "split at the end of the user turn, to snapshot it"
+            stored_at = prepared.layout.store_at[0]
         else:
             assert warm.core.prefix_cache.stats[0] == hits_before + 1
-            # It resumed where the previous request's last user turn ended: only the rest was prefilled.
-            resumed_at = warm.prepare(previous).layout.store_at[0]
-            assert sum(forwards.prefilled) == prompt - resumed_at
-        previous = request
+            assert forwards.prefilled == [prepared.prompt_tokens - stored_at], "one forward, from turn 1's end"
     assert forwards.vision_units == 3, "the image's units went through the vision tower once, in turn 1"
+    assert len(warm.core.prefix_cache._lru) == 1
+
+
+async def test_with_a_low_threshold_every_turn_is_stored_and_the_next_resumes_from_it(tiny_checkpoints, cold,
+                                                                                     monkeypatch):
+    warm = engine(tiny_checkpoints, prefix_cache_min_tokens=1)
+    forwards = Forwards(warm, monkeypatch)
+    previous = None
+    for turns in (1, 2, 3, 4):
+        request = chat([picture(5), "what is this?"], turns)
+        forwards.prefilled.clear()
+        assert (await generate(warm, request))[1] == (await generate(cold["instruct"], request))[1]
+        if previous is not None:
+            resumed_at = warm.prepare(previous).layout.store_at[0]
+            assert sum(forwards.prefilled) == warm.prepare(request).prompt_tokens - resumed_at
+            assert len(forwards.prefilled) == 2, "resumed, then split again to store this turn"
+        previous = request
+    assert warm.core.prefix_cache.stats == (3, 1) and len(warm.core.prefix_cache._lru) == 4
 
 
 async def test_a_resent_image_in_a_new_chat_skips_the_vision_tower(tiny_checkpoints, cold, monkeypatch):
@@ -169,3 +188,31 @@ async def test_downsample_modes_do_not_share_features_or_prefixes(tiny_checkpoin
         assert (await generate(warm, request))[1] == (await generate(cold["instruct"], request))[1]
     assert warm.core.prefix_cache.stats == (0, 3), "the 4x chat did not resume from the 16x one"
     assert warm.core.vision_cache.stats == (1, 2), "each mode computed once; the third request reused 16x"
+
+
+async def test_a_short_text_chat_is_not_stored_and_a_long_one_is(tiny_checkpoints, cold, monkeypatch):
+    warm = engine(tiny_checkpoints, prefix_cache_min_tokens=64)
+    forwards = Forwards(warm, monkeypatch)
+    short = chat(["hi"], 1)
+    await generate(warm, short)
+    assert len(forwards.prefilled) == 1 and len(warm.core.prefix_cache._lru) == 0, "no split, nothing stored"
+    long_opening = ["tell me about this: " + "words and more words " * 20]
+    assert warm.prepare(chat(long_opening, 1)).layout.store_at[0] >= 64, "precondition: past the threshold"
+    for turns in (1, 2):
+        request = chat(long_opening, turns)
+        assert (await generate(warm, request))[1] == (await generate(cold["instruct"], request))[1]
+    assert warm.core.prefix_cache.stats[0] == 1, "the long chat's second turn resumed"
+
+
+async def test_the_image_processor_runs_once_per_image_and_its_merged_output_is_the_processors(tiny_checkpoints):
+    warm, plain = engine(tiny_checkpoints), engine(tiny_checkpoints, processor_cache_bytes=0)
+    images = [picture(40, (400, 300)), picture(41, (90, 200)), picture(42, (640, 160))]
+    request = GenerationRequest([ChatMessage("user", [images[0], "one", images[1]]),
+                                 ChatMessage("assistant", ["ok"]), ChatMessage("user", [images[2], "three?"])],
+                                enable_thinking=False)
+    for attempt in range(2):
+        cached, reference = warm._render(request), plain._render(request)
+        assert set(cached) == set(reference)
+        for name in reference:
+            assert torch.equal(cached[name], reference[name]), name
+    assert warm.processor.image_processor.stats == (3, 3), "each image processed once, then reused"

@@ -602,3 +602,17 @@ async def test_the_videos_of_one_request_share_the_decoded_bytes_budget():
     shared = await MediaLoader(config).load(part, videos_in_request=2)
     assert alone.frames.nbytes <= budget and shared.frames.nbytes <= budget // 2
     assert len(shared.frames) == len(alone.frames) > 1, "downscaled, not fewer frames"
+
+
+def test_a_decoded_image_carries_the_digest_of_its_pixels_whatever_its_metadata_says():
+    from PIL import PngImagePlugin
+
+    from deployments.digest import DIGEST_KEY, image_digest, stamp_image
+
+    text = PngImagePlugin.PngInfo()
+    text.add_text(DIGEST_KEY, "forged")
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, format="PNG", pnginfo=text)
+    decoded = decode_image(buffer.getvalue(), 10_000)
+    stamped = stamp_image(decoded)
+    assert stamped.info == {DIGEST_KEY: image_digest(Image.new("RGB", (8, 8), (1, 2, 3)))}

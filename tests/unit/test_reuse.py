@@ -89,3 +89,16 @@ def test_byte_lru_evicts_the_least_recently_used_to_stay_within_budget():
 def test_a_zero_budget_stores_nothing():
     lru = ByteLRU("vision", budget=0)
     assert not lru.put(b"a", "A", 1) and len(lru) == 0
+
+
+def test_a_prompt_is_stored_when_it_adds_media_or_enough_tokens_since_it_resumed():
+    from deployments.reuse import PrefixCache
+
+    cache = PrefixCache(budget=1 << 20, min_tokens=8)
+    with_media = layout(IDS, SPECIAL, [picture(1)], [clip(2)], "ns")
+    assert cache.worth_storing(with_media) == with_media.store_at, "media since the start"
+    assert cache.worth_storing(with_media, past=9) == with_media.store_at, "the video comes after position 9"
+    assert cache.worth_storing(with_media, past=17) is None, "nothing new past the store point's turn"
+    text = layout([1] * 6 + [9] + [2] * 6 + [9, 3], SPECIAL, [], [], "ns")
+    assert cache.worth_storing(text) == text.store_at, "14 tokens >= 8"
+    assert cache.worth_storing(text, past=7) is None, "only 7 new tokens, no media"
