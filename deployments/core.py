@@ -7,6 +7,11 @@ engine's `SlotCache`, then one batched sampling pass and one device-to-host copy
 prefill thus delays the running rows by one bounded forward, never by its whole prompt, and a
 row that finishes or is cancelled leaves the batch before the next step.
 
+Reuse: a request whose prompt starts with a prefix stored in the prefix cache is prefilled alone,
+from that snapshot; a prefill also stops at the end of each request's last user turn when that is
+worth storing for the chat's next turn; the vision tower runs only on the images and videos the
+vision cache lacks (`deployments/reuse.py`).
+
 Isolation: a row's failure ends that row only. A prefill group that fails is split and each
 prompt retried alone, so only the one that cannot be prefilled fails; a row whose logits go
 non-finite ends alone with an error; cancelled and timed-out rows leave without touching the
@@ -255,6 +260,7 @@ class EngineCore:
         for family in group:
             for row in family:
                 row.inputs = None  # the images live on in the embeddings, then only in the cache
+            family[0].resume = None  # the snapshot lives on in the prefill's cache only (it may be evicted)
         return _Prefill(group, embeds, inputs["attention_mask"], self._prefill_tokens, self.text_config, past,
                         self._stores(leads, inputs["input_ids"].shape[1], length))
 

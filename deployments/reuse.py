@@ -1,7 +1,10 @@
-"""Reusing what earlier requests computed in this replica: a prefix cache and a vision-feature cache.
+"""Reusing what earlier requests computed in this replica: prefix, vision-feature and image-processor caches.
 
-Every turn of a chat resends the whole conversation. Two bounded caches (LRU by bytes) let a turn
+Every turn of a chat resends the whole conversation. Bounded caches (LRU by bytes) let a turn
 skip what the turn before already computed:
+
+- `CachingImageProcessor`: the image processor's output (resized, sliced, normalised pixels) per
+  image, keyed by the image's digest and the call's options.
 
 - `VisionCache`: the vision tower's output for one image or video, keyed by a digest of its
   decoded pixels and the processing options. A hit skips the vision tower for that item.
@@ -96,7 +99,7 @@ def layout(ids: Sequence[int] | torch.Tensor, special: SpecialIds, images: list[
                 return None
             offsets = np.cumsum([0, *units_per_item[:-1]]).tolist()
             starts = [starts[offset] for offset in offsets] if items else []
-        if len(starts) != len(items) or (runs and starts and starts[0] != 0):
+        if len(starts) != len(items) or (runs and (not starts or starts[0] != 0)):
             return None
         ends = [*starts[1:], len(runs)]
         digest = image_digest if kind == "image" else video_digest
