@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: serve test bench bench-peer browser build-preset clean
+.PHONY: serve test bench bench-peer browser build-preset clean project-path
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,16 +14,21 @@ $(STAMP): requirements.txt requirements-test.txt
 	$(BIN)/pip install --quiet -r requirements-test.txt
 	touch $(STAMP)
 
-serve: $(STAMP)  ## Run the service on the embedded default config (127.0.0.1:8000)
+# The project on the venv's import path (a .pth file): Ray Serve's CLI (`serve status`, `serve shutdown`)
+# imports a deployment's request router (deployments/affinity.py) by name, from whatever directory it runs in.
+project-path: $(STAMP)
+	@$(BIN)/python -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "minicpm-serve.pth").write_text(str(pathlib.Path.cwd()) + "\n")'
+
+serve: project-path  ## Run the service on the embedded default config (127.0.0.1:8000)
 	$(BIN)/serve run serve_config.yaml
 
 browser:  ## Debian's chromium for the browser tests (no browser download at test time)
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
-test: $(STAMP) browser  ## Run the whole test suite
+test: project-path browser  ## Run the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)  ## Throughput benchmark: in-process generate vs the service over HTTP (see BENCHMARKS.md)
+bench: project-path  ## Throughput benchmark: in-process generate vs the service over HTTP (see BENCHMARKS.md)
 	$(BIN)/python -m benchmarks.throughput $(BENCH_ARGS)
 
 # The benchmark peer, vLLM's CPU build, in a venv of its own (never the service's): it pins its own torch

@@ -168,8 +168,9 @@ class VariantArgs(BaseModel):
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
     chat_affinity: bool = Field(
         default=True,
-        description="Send the turns of one chat to the same replica (the one holding its prefix and vision "
-        "caches) unless that replica has a full batch running; false: Ray Serve's default power of two choices.",
+        description="With more than one replica: send the turns of one chat to the same replica (the one holding "
+        "its prefix and vision caches) unless that replica has a full batch running; false: Ray Serve's default "
+        "power of two choices.",
     )
 
     def serve_options(self) -> dict:
@@ -184,10 +185,18 @@ class VariantArgs(BaseModel):
         options.setdefault("max_ongoing_requests", 2 * batch)
         if "autoscaling_config" in options:
             options["autoscaling_config"] = {"target_ongoing_requests": batch, **options["autoscaling_config"]}
-        if self.chat_affinity:
+        if self.chat_affinity and self.max_replicas > 1:  # with one replica there is nothing to choose
             options["request_router_config"] = {"request_router_class": "deployments.affinity:ChatAffinityRouter",
                                                 "request_router_kwargs": {"busy_requests": batch}}
         return options
+
+    @property
+    def max_replicas(self) -> int:
+        """The most replicas this deployment can have (autoscaling's max_replicas, else num_replicas, else 1)."""
+        autoscaling = self.deployment.autoscaling_config
+        if autoscaling is not None:
+            return int(autoscaling.get("max_replicas", 1))
+        return self.deployment.num_replicas or 1
 
 
 class MediaConfig(BaseModel):

@@ -80,10 +80,23 @@ def test_queue_sizes_follow_the_batch_size_unless_set():
 def test_model_deployments_route_by_chat_affinity_unless_turned_off():
     from deployments.config import VariantArgs
 
-    options = VariantArgs.model_validate({"model": {"max_batch_size": 6}}).serve_options()
+    scaled = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}
+    options = VariantArgs.model_validate({"model": {"max_batch_size": 6}, "deployment": scaled}).serve_options()
     assert options["request_router_config"] == {"request_router_class": "deployments.affinity:ChatAffinityRouter",
                                                 "request_router_kwargs": {"busy_requests": 6}}
-    assert "request_router_config" not in VariantArgs(chat_affinity=False).serve_options()
+    assert "request_router_config" in VariantArgs.model_validate({"deployment": {"num_replicas": 2}}).serve_options()
+    assert "request_router_config" not in VariantArgs.model_validate(
+        {"deployment": scaled, "chat_affinity": False}).serve_options()
+    # One replica: nothing to choose, and Serve's CLI need not import the router.
+    assert "request_router_config" not in VariantArgs().serve_options()
+
+
+def test_the_venv_makes_the_request_router_importable_from_any_directory(tmp_path):
+    """`serve status` / `serve shutdown` (console scripts, run from anywhere) import it by name."""
+    code = "import deployments.affinity"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_router_accepts_many_streams_unless_told_otherwise_and_serve_leaves_it_room_to_refuse():
