@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: serve test bench bench-peer browser build-preset clean project-path
+.PHONY: serve test bench bench-peer browser prometheus build-preset clean project-path
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,10 @@ serve: project-path  ## Run the service on the embedded default config (127.0.0.
 browser:  ## Debian's chromium for the browser tests (no browser download at test time)
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
-test: project-path browser  ## Run the whole test suite
+prometheus:  ## Debian's prometheus, which the observability tests run against the test cluster
+	@command -v prometheus >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: project-path browser prometheus  ## Run the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: project-path  ## Throughput benchmark: in-process generate vs the service over HTTP (see BENCHMARKS.md)

@@ -32,7 +32,7 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-_HTTP_PORT, _METRICS_PORT = _free_ports(2)
+_HTTP_PORT, _METRICS_PORT, _DASHBOARD_PORT = _free_ports(3)
 
 
 def app_args(**overrides) -> dict:
@@ -79,7 +79,9 @@ def serve_url(tiny_checkpoints, media_dir: Path, metrics_port: int) -> Iterator[
     from serve_app import build_app
 
     port = _HTTP_PORT
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
+    # The dashboard writes Prometheus' service-discovery file (test_prometheus.py scrapes through it).
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_port=_DASHBOARD_PORT, log_to_driver=False,
+             _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 1000})  # metrics visible within ~1 s
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     router = {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},

@@ -1,0 +1,107 @@
+"""A real Prometheus (Debian's package, which `make test` installs) scrapes the test cluster through Ray's
+service-discovery file, as the README tells operators to, and evaluates every query of the shipped
+Grafana dashboard: each must run without an error, on series that exist."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.test_observability import png_data_url
+from tests.integration.test_service import CHAT, HELLO
+from tests.waiting import wait_until
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "observability" / "grafana-dashboard.json"
+
+
+@pytest.fixture(scope="module")
+def prometheus(serve_url, tmp_path_factory) -> Iterator[str]:
+    import ray
+
+    binary = shutil.which("prometheus")
+    assert binary, "`make test` installs Debian's prometheus"
+    discovery = Path(ray._private.worker._global_node.get_temp_dir_path()) / "prom_metrics_service_discovery.json"
+    wait_until(discovery.exists, timeout=60, interval=0.5, what="Ray's Prometheus service-discovery file")
+    root = tmp_path_factory.mktemp("prometheus")
+    config = root / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "ray", "file_sd_configs": [{"files": [str(discovery)],
+                                                                     "refresh_interval": "1s"}]}],
+    }))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with (root / "prometheus.log").open("w") as log:
+        process = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={root / 'data'}",
+                                    f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=log)
+    try:
+        wait_until(lambda: _ready(url), timeout=60, interval=0.5, what="Prometheus to be ready")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/-/ready", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def query(url: str, expr: str) -> list:
+    """The result of an instant query; fails on any PromQL or evaluation error."""
+    body = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=30).json()
+    assert body["status"] == "success", f"{expr}: {body.get('error')}"
+    return body["data"]["result"]
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+@pytest.fixture(scope="module")
+def scraped(prometheus, client) -> str:
+    """Traffic that makes every dashboard series exist (a plain request, a two-turn image chat), then waits
+    until Prometheus holds them all, found through Ray's discovery file."""
+    assert client.post(CHAT, json={"model": "thinking", "messages": HELLO, "max_tokens": 3}).status_code == 200
+    first = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url()}},
+                                          {"type": "text", "text": "prometheus?"}]}]
+    answer = client.post(CHAT, json={"model": "instruct", "messages": first, "max_tokens": 3}).json()
+    second = [*first, {"role": "assistant", "content": answer["choices"][0]["message"]["content"]},
+              {"role": "user", "content": "and?"}]
+    assert client.post(CHAT, json={"model": "instruct", "messages": second, "max_tokens": 3}).status_code == 200
+    import re
+
+    wanted = set(re.findall(r"ray_minicpm_\w+", DASHBOARD.read_text()))
+
+    def missing() -> set[str]:
+        present = query(prometheus, 'count by (__name__) ({__name__=~"ray_minicpm_.+"})')
+        return wanted - {series["metric"]["__name__"] for series in present}
+
+    wait_until(lambda: not missing(), timeout=120, interval=1, what="every dashboard series in Prometheus")
+    return prometheus
+
+
+def test_prometheus_finds_the_service_through_rays_discovery_file(scraped):
+    series = query(scraped, 'ray_minicpm_requests_total{application="minicpm", status="ok"}')
+    assert {s["metric"]["variant"] for s in series} >= {"instruct", "thinking"}
+    assert all(s["metric"]["job"] == "ray" for s in series), "scraped through the discovery file's job"
+
+
+@pytest.mark.parametrize("expr", dashboard_queries())
+def test_every_dashboard_query_evaluates_in_prometheus(scraped, expr):
+    # Grafana's "All" for $application is the regex .*; $__rate_interval is at least 4 scrape intervals.
+    concrete = expr.replace("$application", ".*").replace("$__rate_interval", "1m")
+    query(scraped, concrete)
