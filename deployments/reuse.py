@@ -148,7 +148,25 @@ class Snapshot:
                    for store in (self.keys, self.values, self.conv, self.recurrent) for t in store.values())
 
 
-class PrefixCache:
+class _Bounded:
+    """A cache over one ByteLRU: whether it is on, the bytes it holds, its hits and misses."""
+
+    _lru: ByteLRU
+
+    @property
+    def enabled(self) -> bool:
+        return self._lru.budget > 0
+
+    @property
+    def bytes(self) -> int:
+        return self._lru.bytes
+
+    @property
+    def stats(self) -> tuple[int, int]:
+        return self._lru.hits, self._lru.misses
+
+
+class PrefixCache(_Bounded):
     """Snapshots of the text tower at turn ends, bounded in bytes.
 
     Storing splits a prefill at the turn's end: one more forward, which costs the most on a small
@@ -172,18 +190,6 @@ class PrefixCache:
         new_media = any(past <= item.start < point[0] for item in prompt.media)
         return point if new_media or point[0] - past >= self.min_tokens else None
 
-    @property
-    def enabled(self) -> bool:
-        return self._lru.budget > 0
-
-    @property
-    def bytes(self) -> int:
-        return self._lru.bytes
-
-    @property
-    def stats(self) -> tuple[int, int]:
-        return self._lru.hits, self._lru.misses
-
     def __contains__(self, key: bytes) -> bool:
         return key in self._lru
 
@@ -205,23 +211,11 @@ class PrefixCache:
         self._lru.put(key, snapshot, snapshot.nbytes)
 
 
-class VisionCache:
+class VisionCache(_Bounded):
     """The vision tower's features per image or video, bounded in bytes."""
 
     def __init__(self, budget: int, observe: CacheObserver = ignore_cache_event) -> None:
         self._lru = ByteLRU("vision", budget, observe)
-
-    @property
-    def enabled(self) -> bool:
-        return self._lru.budget > 0
-
-    @property
-    def bytes(self) -> int:
-        return self._lru.bytes
-
-    @property
-    def stats(self) -> tuple[int, int]:
-        return self._lru.hits, self._lru.misses
 
     @staticmethod
     def key(item: MediaItem, options: str) -> bytes:
@@ -234,7 +228,7 @@ class VisionCache:
         self._lru.put(self.key(item, options), features, features.numel() * features.element_size())
 
 
-class CachingImageProcessor:
+class CachingImageProcessor(_Bounded):
     """Wraps the checkpoint's image processor: each image's output (resized, sliced and normalised pixels
     with its grid) is kept, keyed by the image's digest and the call's options, so an image a chat resends
     every turn is processed once. The outputs of several images are merged as the processor packs a batch
@@ -247,14 +241,6 @@ class CachingImageProcessor:
 
     def __getattr__(self, name: str):  # everything else is the wrapped processor's
         return getattr(self.inner, name)
-
-    @property
-    def stats(self) -> tuple[int, int]:
-        return self._lru.hits, self._lru.misses
-
-    @property
-    def bytes(self) -> int:
-        return self._lru.bytes
 
     def __call__(self, images, **kwargs):
         from transformers.image_processing_utils import BatchFeature

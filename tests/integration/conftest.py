@@ -117,6 +117,24 @@ def temporary_app(name: str, route_prefix: str, args: dict, **run_options) -> It
         serve.delete(name)
 
 
+def chat_turns(client: httpx.Client, path: str, image: str, count: int, model: str = "instruct",
+               question: str = "question") -> list[dict]:
+    """A chat of `count` user turns that keeps `image` (a data URL) in its first; each answer (4 greedy tokens)
+    goes back into the history. Returns the responses' bodies."""
+    messages, answers = [], []
+    for k in range(count):
+        content = [{"type": "text", "text": f"{question} {k}"}]
+        if k == 0:
+            content.insert(0, {"type": "image_url", "image_url": {"url": image}})
+        messages.append({"role": "user", "content": content})
+        response = client.post(f"{path}/v1/chat/completions", json={"model": model, "messages": messages,
+                                                                     "max_tokens": 4, "temperature": 0})
+        assert response.status_code == 200, response.text
+        answers.append(response.json())
+        messages.append({"role": "assistant", "content": answers[-1]["choices"][0]["message"]["content"]})
+    return answers
+
+
 @pytest.fixture(scope="session")
 def client(serve_url: str) -> Iterator[httpx.Client]:
     """One keep-alive client for the session (a client per call would dominate latency)."""

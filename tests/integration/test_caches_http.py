@@ -8,32 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.integration.conftest import FULL_APP, app_args, process_info, temporary_app
+from tests.integration.conftest import FULL_APP, app_args, chat_turns, process_info, temporary_app
 from tests.integration.test_observability import scrape, value
-from tests.integration.test_service import CHAT
 from tests.waiting import wait_until
-
-
-def turns(client: httpx.Client, path: str, image: str, count: int, model: str = "instruct") -> list[dict]:
-    """A chat of `count` user turns that keeps `image` in its first; each answer goes back into the history."""
-    messages, answers = [], []
-    for k in range(count):
-        content = [{"type": "text", "text": f"question {k}"}]
-        if k == 0:
-            content.insert(0, {"type": "image_url", "image_url": {"url": image}})
-        messages.append({"role": "user", "content": content})
-        response = client.post(f"{path}{CHAT}", json={"model": model, "messages": messages, "max_tokens": 4,
-                                                      "temperature": 0})
-        assert response.status_code == 200, response.text
-        answers.append(response.json())
-        messages.append({"role": "assistant", "content": answers[-1]["choices"][0]["message"]["content"]})
-    return answers
 
 
 def test_a_chats_later_turns_resume_from_the_prefix_and_the_metrics_count_it(client, metrics_port):
     before_replica = process_info(FULL_APP, "instruct")["prefix_cache"]
     before = scrape(metrics_port)
-    turns(client, "", _image(200), 3)  # an image no other test sends: its first decode is a miss
+    chat_turns(client, "", _image(200), 3)  # an image no other test sends: its first decode is a miss
     after_replica = process_info(FULL_APP, "instruct")["prefix_cache"]
     assert after_replica["hits"] - before_replica["hits"] == 2, "turns 2 and 3 resumed"
     assert 0 < after_replica["bytes"]
@@ -60,7 +43,7 @@ def test_with_two_replicas_every_later_turn_reaches_the_replica_holding_its_chat
                                       "ray_actor_options": {"num_cpus": 0.1}}
     with temporary_app("affinity", "/affinity", args), httpx.Client(base_url=serve_url, timeout=120) as http:
         for chat in range(10):
-            turns(http, "/affinity", _image(chat), 2)
+            chat_turns(http, "/affinity", _image(chat), 2)
         infos = _every_replica("affinity", "instruct", 2)
     assert sum(info["prefix_cache"]["hits"] for info in infos) == 10
     assert sum(info["prefix_cache"]["misses"] for info in infos) == 10, "each first turn missed, once"

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import FULL_APP
+from tests.integration.conftest import FULL_APP, chat_turns
 from tests.integration.test_service import CHAT, HELLO
 from tests.waiting import wait_until
 
@@ -170,12 +170,7 @@ def test_every_series_the_dashboard_queries_exists_in_a_live_scrape(traffic, cli
     dashboard = (Path(__file__).resolve().parents[2] / "observability" / "grafana-dashboard.json").read_text()
     queried = set(re.findall(r"ray_minicpm_\w+", dashboard))
     # A second turn of an image chat: the caches' hit series exist only once something hit.
-    first = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url()}},
-                                          {"type": "text", "text": "dashboard?"}]}]
-    answer = client.post(CHAT, json={"model": "instruct", "messages": first, "max_tokens": 3}).json()
-    second = [*first, {"role": "assistant", "content": answer["choices"][0]["message"]["content"]},
-              {"role": "user", "content": "and?"}]
-    assert client.post(CHAT, json={"model": "instruct", "messages": second, "max_tokens": 3}).status_code == 200
+    chat_turns(client, "", png_data_url(), 2, question="dashboard?")
 
     def missing() -> list[str]:
         return sorted(queried - {name for name, _ in scrape(metrics_port)})

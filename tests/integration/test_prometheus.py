@@ -5,6 +5,7 @@ Grafana dashboard: each must run without an error, on series that exist."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.integration.conftest import chat_turns
 from tests.integration.test_observability import png_data_url
 from tests.integration.test_service import CHAT, HELLO
 from tests.waiting import wait_until
@@ -76,14 +78,7 @@ def scraped(prometheus, client) -> str:
     """Traffic that makes every dashboard series exist (a plain request, a two-turn image chat), then waits
     until Prometheus holds them all, found through Ray's discovery file."""
     assert client.post(CHAT, json={"model": "thinking", "messages": HELLO, "max_tokens": 3}).status_code == 200
-    first = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url()}},
-                                          {"type": "text", "text": "prometheus?"}]}]
-    answer = client.post(CHAT, json={"model": "instruct", "messages": first, "max_tokens": 3}).json()
-    second = [*first, {"role": "assistant", "content": answer["choices"][0]["message"]["content"]},
-              {"role": "user", "content": "and?"}]
-    assert client.post(CHAT, json={"model": "instruct", "messages": second, "max_tokens": 3}).status_code == 200
-    import re
-
+    chat_turns(client, "", png_data_url(), 2, question="prometheus?")
     wanted = set(re.findall(r"ray_minicpm_\w+", DASHBOARD.read_text()))
 
     def missing() -> set[str]:
