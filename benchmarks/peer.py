@@ -102,7 +102,7 @@ def ratios(ours: list[dict], peer: list[dict]) -> dict:
 
 def report(name: str, levels: list[dict]) -> None:
     for level in levels:
-        print(f"{name:<8} x{level['concurrency']:<3} TTFT p50 {level['ttft_p50_s'] * 1000:7.1f} ms  per stream "
+        print(f"{name:<18} x{level['concurrency']:<3} TTFT p50 {level['ttft_p50_s'] * 1000:7.1f} ms  per stream "
               f"{level['tokens_per_s_per_stream']:6.1f} tok/s  aggregate {level['aggregate_tokens_per_s']:7.1f} tok/s")
 
 
@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="model threads for both servers: all cores but one, which each server's front end needs")
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="the service is measured once per dtype (vLLM runs bfloat16, which it needs on a CPU)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -129,30 +131,34 @@ def main() -> None:
     finally:
         peer_process.terminate()
         peer_process.wait(timeout=60)
+    ours, serving, result = {}, {}, {}
+    for dtype in args.dtypes.split(","):
+        url = start_app({
+            "instruct": {"model": {"checkpoint": str(checkpoint), "max_batch_size": 16, "torch_threads": args.threads,
+                                   "dtype": dtype},
+                         "deployment": {"num_replicas": 1, "max_queued_requests": 256,
+                                        "ray_actor_options": {"num_cpus": 1}}},
+            "thinking": None,
+            "router": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}},
+        })
+        try:
+            ours[dtype] = measure(url, args.tokens, levels, args.rounds)
+            serving[dtype] = serving_path_cpu(url, args.tokens, 8)
+        finally:
+            stop_app()
+        result[dtype] = ratios(ours[dtype], peer)
+
     report("vLLM", peer)
-
-    url = start_app({
-        "instruct": {"model": {"checkpoint": str(checkpoint), "max_batch_size": 16, "torch_threads": args.threads},
-                     "deployment": {"num_replicas": 1, "max_queued_requests": 256,
-                                    "ray_actor_options": {"num_cpus": 1}}},
-        "thinking": None,
-        "router": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}},
-    })
-    try:
-        ours = measure(url, args.tokens, levels, args.rounds)
-        serving = serving_path_cpu(url, args.tokens, 8)
-    finally:
-        stop_app()
-    report("service", ours)
-    print("serving path, CPU per streamed token:", ", ".join(f"{k} = {v:.2f}" for k, v in serving.items()))
-
-    result = ratios(ours, peer)
-    print("service / vLLM:", ", ".join(f"{k} = {v:.2f}" for k, v in result.items()))
+    for dtype in ours:
+        report(f"service, {dtype}", ours[dtype])
+        print(f"serving path ({dtype}), CPU per streamed token:",
+              ", ".join(f"{k} = {v:.2f}" for k, v in serving[dtype].items()))
+    for dtype, ratio in result.items():
+        print(f"service ({dtype}) / vLLM:", ", ".join(f"{k} = {v:.2f}" for k, v in ratio.items()))
     print("targets: single_stream_tokens_per_s >= 1.0, aggregate_16_streams >= 0.8, ttft_p50 <= 1.5")
     (args.out / f"peer-{args.preset}.json").write_text(json.dumps(
-        {"checkpoint": str(checkpoint), "tokens": args.tokens, "threads": args.threads, "vllm": peer, "service": ours, "serving_path": serving,
-         "ratios": result, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
-
+        {"checkpoint": str(checkpoint), "tokens": args.tokens, "threads": args.threads, "vllm": peer, "service": ours,
+         "serving_path": serving, "ratios": result, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
 
 if __name__ == "__main__":
     main()

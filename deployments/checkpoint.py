@@ -39,7 +39,9 @@ def pick_device(device: str) -> torch.device:
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """auto: bfloat16 (the checkpoints' own dtype) on a GPU and on a CPU with native bf16 instructions,
-    float32 on other CPUs, where bf16 is emulated (measured: a batch of 8 decodes 6x slower than in fp32)."""
+    float32 on other CPUs. There bf16 is emulated: a batch of 8 decoded 6x slower than in fp32, so bf16
+    models get `RowAdaptiveLinear` layers, whose one-row and several-row paths may round differently;
+    in float32 a greedy answer never depends on its batch mates."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
     return getattr(torch, dtype)
@@ -73,6 +75,8 @@ def load(
     model.to(torch_device).eval()
     if torch_device.type == "cpu" and model.dtype != torch.float32:
         _convolutions_in_float32(model)
+    if torch_device.type == "cpu" and model.dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        _row_adaptive_linear_layers(model)
     logger.info("Loaded %r (%s) on %s as %s", source, variant, torch_device, model.dtype)
     return processor, model
 
@@ -84,6 +88,35 @@ def _convolutions_in_float32(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Conv1d) and module.groups > 1 and module.groups == module.in_channels:
             module.float()
+
+
+class RowAdaptiveLinear(torch.nn.Linear):
+    """A bf16 linear layer for CPUs that emulate bf16: one row from the bf16 weights, several from an fp32 copy.
+
+    Decoding one row is bound by memory bandwidth, and torch's bf16 matrix-vector product reads half
+    the bytes of fp32's. For several rows the emulated bf16 matrix product is slow (measured: 2-4x
+    fp32's at 8 rows), so they use an fp32 copy of the same weights: the exact products of bf16
+    values, summed in fp32 as the one-row path sums them, rounded to bf16 once. The two paths differ
+    only in summation order, as fp32 matrix kernels for one and for several rows do.
+    """
+
+    weight_f32: torch.Tensor
+    bias_f32: torch.Tensor | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1]:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        return torch.nn.functional.linear(x.float(), self.weight_f32, self.bias_f32).to(x.dtype)
+
+
+def _row_adaptive_linear_layers(model: torch.nn.Module) -> None:
+    # The copies are buffers outside the state dict: they follow .to() and are never saved.
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = RowAdaptiveLinear
+            module.register_buffer("weight_f32", module.weight.detach().float(), persistent=False)
+            bias = None if module.bias is None else module.bias.detach().float()
+            module.register_buffer("bias_f32", bias, persistent=False)
 
 
 def _repair_token_ids(model: MiniCPMV4_6ForConditionalGeneration, processor: ProcessorMixin, source: str) -> None:

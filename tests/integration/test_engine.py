@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from deployments.checkpoint import RowAdaptiveLinear, cpu_has_native_bf16
 from deployments.config import ModelConfig
 from deployments.engine import Engine
 from deployments.errors import CheckpointError, ContextLengthError
@@ -373,6 +374,30 @@ async def test_stream_text_equals_decoding_direct_generate(instruct, red_image):
 
         assert streamed[-1].usage.completion_tokens == len(new_ids) == 48
         assert content(streamed) == direct
+
+
+async def test_bfloat16_engine_streams_what_generate_gives(tiny_checkpoints, red_image):
+    engine = Engine(engine_config(tiny_checkpoints["instruct"], dtype="bfloat16"))
+    assert engine.model.dtype == torch.bfloat16
+    adaptive = [m for m in engine.model.modules() if isinstance(m, RowAdaptiveLinear)]
+    # On a CPU that emulates bf16 every linear layer reads bf16 weights for one row, fp32 ones for several.
+    assert bool(adaptive) == (not cpu_has_native_bf16())
+    rows_per_call: list[int] = []
+    hook = engine.model.lm_head.register_forward_hook(lambda m, args, out: rows_per_call.append(args[0].numel() // args[0].shape[-1]))
+    try:
+        for req in (request("Hello there", max_tokens=24, min_tokens=24),
+                    request(red_image, "Describe it", max_tokens=24, min_tokens=24)):
+            streamed = await collect(engine, req)
+            prepared = engine.prepare(req)
+            ids = engine.model.generate(**prepared.inputs, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+            assert content(streamed) == engine.tokenizer.decode(ids[0, prepared.prompt_tokens:], skip_special_tokens=True)
+            assert streamed[-1].usage.completion_tokens == 24
+        two = await asyncio.gather(*(collect(engine, request(text, max_tokens=24, min_tokens=24))
+                                     for text in ("Hello there", "Something else")))
+    finally:
+        hook.remove()
+    assert all(chunks[-1].usage.completion_tokens == 24 for chunks in two)
+    assert 1 in rows_per_call and max(rows_per_call) > 1, "decode steps of one row and of several ran"
 
 
 # ---------------------------------------------------------------------------- limits and loading errors
