@@ -76,9 +76,9 @@ class ModelSettings(BaseModel):
     )
     processor_cache_bytes: int = Field(
         default=128 * MiB, ge=0,
-        description="Memory (host) for the image processor's output per image (resized, sliced, normalised "
-        "pixels), keyed by the image's pixels and the options, so that an image a chat resends every turn is "
-        "processed once. 0: off.",
+        description="Memory (host) for the image and video processors' output per item (resized, sliced, "
+        "normalised pixels), keyed by its pixels and the options, so that an image or a video a chat resends "
+        "every turn is processed once. 0: off.",
     )
     prefill_chunk_tokens: int = Field(
         default=512, ge=16,

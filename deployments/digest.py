@@ -34,7 +34,12 @@ def video_digest(video: Video) -> bytes:
     """Digest of a video's sampled frames (their shape included); the one the router attached, if any."""
     if video.digest:
         return video.digest
-    frames = np.ascontiguousarray(video.frames)
+    return frames_digest(video.frames)
+
+
+def frames_digest(frames: np.ndarray) -> bytes:
+    """Digest of an array of frames (shape and dtype included)."""
+    frames = np.ascontiguousarray(frames)
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{frames.shape}:{frames.dtype}".encode())
     h.update(memoryview(frames).cast("B"))

@@ -57,9 +57,9 @@ class Engine:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.processor, self.model = checkpoint.load(config.checkpoint, config.variant, config.dtype, config.device)
-        if config.processor_cache_bytes:
-            self.processor.image_processor = reuse.CachingImageProcessor(
-                self.processor.image_processor, config.processor_cache_bytes, on_cache)
+        self.processor_cache = reuse.ProcessorCache(config.processor_cache_bytes, on_cache)
+        if self.processor_cache.enabled:
+            self.processor_cache.install(self.processor)
         self.tokenizer = self.processor.tokenizer
         self._control_texts = control_texts(self.tokenizer)
         text_config = self.model.config.get_text_config()
@@ -192,11 +192,12 @@ class Engine:
             processor_kwargs |= {"video_metadata": [_metadata(v) for v in videos], "do_sample_frames": False}
         tools = [{"type": "function", "function": defuse_all(tool, self._control_texts)} for tool in request.tools or []]
         try:
-            return self.processor.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-                enable_thinking=request.enable_thinking, tools=tools or None,
-                **({"processor_kwargs": processor_kwargs} if processor_kwargs else {}),
-            )
+            with reuse.known_videos(videos):
+                return self.processor.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+                    enable_thinking=request.enable_thinking, tools=tools or None,
+                    **({"processor_kwargs": processor_kwargs} if processor_kwargs else {}),
+                )
         except jinja2.TemplateError as exc:  # the template refuses the conversation (its own message)
             raise BadRequestError(f"The chat template refused the conversation: {exc}", param="messages") from None
 

@@ -55,8 +55,6 @@ class ModelDeployment:
         """This replica's process id, resident memory, running sequences, the rows in its batch after each of
         the last 100 admissions, for the last 100 rows cancelled while generating the decode steps each
         took to leave the batch, and its caches' bytes, hits and misses; for operators and tests."""
-        from deployments.reuse import CachingImageProcessor
-
         core = self.engine.core
         info = {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, "running": self.engine.running,
                 "batch_sizes": list(core.batch_sizes), "cancel_lags": list(core.cancel_lags),
@@ -65,7 +63,7 @@ class ModelDeployment:
                                  "misses": core.prefix_cache.stats[1]},
                 "vision_cache": {"bytes": core.vision_cache.bytes, "hits": core.vision_cache.stats[0],
                                  "misses": core.vision_cache.stats[1]}}
-        processor = self.engine.processor.image_processor
-        if isinstance(processor, CachingImageProcessor):
+        processor = self.engine.processor_cache
+        if processor.enabled:
             info["processor_cache"] = {"bytes": processor.bytes, "hits": processor.stats[0], "misses": processor.stats[1]}
         return info

@@ -1,10 +1,10 @@
-"""Reusing what earlier requests computed in this replica: prefix, vision-feature and image-processor caches.
+"""Reusing what earlier requests computed in this replica: prefix, vision-feature and processor caches.
 
 Every turn of a chat resends the whole conversation. Bounded caches (LRU by bytes) let a turn
 skip what the turn before already computed:
 
-- `CachingImageProcessor`: the image processor's output (resized, sliced, normalised pixels) per
-  image, keyed by the image's digest and the call's options.
+- `ProcessorCache`: the image and video processors' output (resized, sliced, normalised pixels)
+  per image or video, keyed by its digest and the call's options.
 
 - `VisionCache`: the vision tower's output for one image or video, keyed by a digest of its
   decoded pixels and the processing options. A hit skips the vision tower for that item.
@@ -23,6 +23,8 @@ keys are namespaced by it, so nothing is shared across a change of checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import threading
 from collections.abc import Sequence
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from deployments.digest import image_digest, video_digest
+from deployments.digest import frames_digest, image_digest, video_digest
 from deployments.lru import ByteLRU, CacheObserver, ignore_cache_event
 from deployments.types import Video
 
@@ -228,33 +230,38 @@ class VisionCache(_Bounded):
         self._lru.put(self.key(item, options), features, features.numel() * features.element_size())
 
 
-class CachingImageProcessor(_Bounded):
-    """Wraps the checkpoint's image processor: each image's output (resized, sliced and normalised pixels
-    with its grid) is kept, keyed by the image's digest and the call's options, so an image a chat resends
-    every turn is processed once. The outputs of several images are merged as the processor packs a batch
-    (pixels along their last axis). Called from several request threads at once."""
+class ProcessorCache(_Bounded):
+    """The image and video processors' output per item (resized, sliced and normalised pixels with their
+    grids), kept in host memory under one budget, keyed by the item's digest and the call's options, so an
+    image or a video a chat resends every turn is processed once. `install` wraps a checkpoint's
+    processors; the outputs of several items are merged as the processor packs a batch (pixels along
+    their last axis, the rest along the first). Called from several request threads at once."""
 
-    def __init__(self, inner, budget: int, observe: CacheObserver = ignore_cache_event) -> None:
-        self.inner = inner
+    def __init__(self, budget: int, observe: CacheObserver = ignore_cache_event) -> None:
         self._lru = ByteLRU("processor", budget, observe)
         self._lock = threading.Lock()
 
-    def __getattr__(self, name: str):  # everything else is the wrapped processor's
-        return getattr(self.inner, name)
+    def install(self, processor) -> None:
+        processor.image_processor = _CachingMediaProcessor(processor.image_processor, self, video=False)
+        processor.video_processor = _CachingMediaProcessor(processor.video_processor, self, video=True)
 
-    def __call__(self, images, **kwargs):
+    def process(self, inner, items: list, digests: list[bytes], kwargs: dict, per_item: dict[str, list]):
+        """inner(items, **kwargs), item by item through the cache; `per_item` names the kwargs that hold
+        one value per item (each call gets its own, and it is part of that item's key)."""
         from transformers.image_processing_utils import BatchFeature
 
-        flat = _flatten(images)
-        if not flat or not all(isinstance(image, Image.Image) for image in flat):
-            return self.inner(images, **kwargs)
-        options = repr(sorted(kwargs.items())).encode()
-        keys = [hashlib.blake2b(options + image_digest(image), digest_size=16).digest() for image in flat]
+        shared = {name: value for name, value in kwargs.items() if name not in per_item}
+        options = repr(sorted(shared.items())).encode()
+        keys, calls = [], []
+        for i, digest in enumerate(digests):
+            own = {name: [values[i]] for name, values in per_item.items()}
+            keys.append(hashlib.blake2b(options + repr(own).encode() + digest, digest_size=16).digest())
+            calls.append(shared | own)
         with self._lock:
             outputs = [self._lru.get(key) for key in keys]
-        for i, (image, key) in enumerate(zip(flat, keys)):
+        for i, key in enumerate(keys):
             if outputs[i] is None:
-                outputs[i] = self.inner([image], **kwargs)
+                outputs[i] = inner([items[i]], **calls[i])
                 size = sum(v.numel() * v.element_size() for v in outputs[i].values() if isinstance(v, torch.Tensor))
                 with self._lock:
                     self._lru.put(key, outputs[i], size)
@@ -266,6 +273,47 @@ class CachingImageProcessor(_Bounded):
             else:
                 merged[name] = [item for value in values for item in value]
         return BatchFeature(merged)
+
+
+class _CachingMediaProcessor:
+    """A checkpoint's image or video processor with its output per item cached in a `ProcessorCache`;
+    calls it cannot key (other input types, per-item options it does not know) go to the processor."""
+
+    def __init__(self, inner, cache: ProcessorCache, video: bool) -> None:
+        self.inner, self.cache, self.video = inner, cache, video
+
+    def __getattr__(self, name: str):  # everything else is the wrapped processor's
+        return getattr(self.inner, name)
+
+    def __call__(self, items, **kwargs):
+        flat = _flatten(items)
+        if not self.video:
+            if not flat or not all(isinstance(image, Image.Image) for image in flat):
+                return self.inner(items, **kwargs)
+            return self.cache.process(self.inner, flat, [image_digest(image) for image in flat], kwargs, {})
+        metadata = kwargs.get("video_metadata")
+        keyable = flat and all(isinstance(v, np.ndarray) and v.ndim == 4 for v in flat) \
+            and isinstance(metadata, list) and len(metadata) == len(flat)
+        if not keyable:
+            return self.inner(items, **kwargs)
+        known = _known_video_digests.get()
+        digests = [known.get(id(frames)) or frames_digest(frames) for frames in flat]
+        return self.cache.process(self.inner, flat, digests, kwargs, {"video_metadata": metadata})
+
+
+# The digests of the videos of the prompt being rendered, by the id of their frames array: the engine
+# sets them around the processor call, so a video the router already hashed is not hashed again.
+_known_video_digests: contextvars.ContextVar[dict[int, bytes]] = contextvars.ContextVar("known_videos", default={})
+
+
+@contextlib.contextmanager
+def known_videos(videos: Sequence[Video]):
+    """Within this block, the processor cache keys each of these videos' frames by its digest."""
+    token = _known_video_digests.set({id(video.frames): video_digest(video) for video in videos})
+    try:
+        yield
+    finally:
+        _known_video_digests.reset(token)
 
 
 def _flatten(images) -> list:

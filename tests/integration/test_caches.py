@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from deployments import reuse
 from deployments.config import ModelConfig
+from deployments.digest import stamp_video
 from deployments.engine import Engine
 from deployments.types import ChatMessage, GenerationRequest, SamplingParams, Video
 
@@ -215,4 +217,32 @@ async def test_the_image_processor_runs_once_per_image_and_its_merged_output_is_
         assert set(cached) == set(reference)
         for name in reference:
             assert torch.equal(cached[name], reference[name]), name
-    assert warm.processor.image_processor.stats == (3, 3), "each image processed once, then reused"
+    assert warm.processor_cache.stats == (3, 3), "each image processed once, then reused"
+
+
+async def test_the_video_processor_runs_once_per_video_and_its_merged_output_is_the_processors(
+        tiny_checkpoints, monkeypatch):
+    warm, plain = engine(tiny_checkpoints), engine(tiny_checkpoints, processor_cache_bytes=0)
+    assert plain.processor.video_processor is not warm.processor.video_processor
+    long_clip = Video(np.random.default_rng(50).integers(0, 256, (6, 80, 120, 3), dtype=np.uint8),
+                      5.0, 1.2, list(range(6)), 6)
+    videos = [stamp_video(clip(51)), stamp_video(long_clip)]
+    request = GenerationRequest([ChatMessage("user", [videos[0], "one", picture(52)]),
+                                 ChatMessage("assistant", ["ok"]), ChatMessage("user", [videos[1], "two?"])],
+                                enable_thinking=False)
+    hashed = []
+    monkeypatch.setattr(reuse, "frames_digest", lambda frames: hashed.append(frames) or b"")
+    for attempt in range(2):
+        cached, reference = warm._render(request), plain._render(request)
+        assert "pixel_values_videos" in reference and set(cached) == set(reference)
+        for name in reference:
+            assert torch.equal(cached[name], reference[name]), name
+    hits, misses = warm.processor_cache.stats
+    assert (hits, misses) == (3, 3), "2 videos and 1 image processed once each, then reused"
+    assert hashed == [], "the router's digests key the videos: their frames are not hashed again"
+
+    # The same frames with other sampling metadata are another entry, and unstamped frames are hashed.
+    other = Video(videos[0].frames, 20.0, 0.2, [0, 2, 4, 6], 8)
+    monkeypatch.undo()
+    warm._render(GenerationRequest([ChatMessage("user", [other, "again"])], enable_thinking=False))
+    assert warm.processor_cache.stats == (3, 4)
