@@ -160,5 +160,6 @@ def main() -> None:
         {"checkpoint": str(checkpoint), "tokens": args.tokens, "threads": args.threads, "vllm": peer, "service": ours,
          "serving_path": serving, "ratios": result, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
 
+
 if __name__ == "__main__":
     main()

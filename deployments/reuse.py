@@ -296,24 +296,24 @@ class _CachingMediaProcessor:
             and isinstance(metadata, list) and len(metadata) == len(flat)
         if not keyable:
             return self.inner(items, **kwargs)
-        known = _known_video_digests.get()
-        digests = [known.get(id(frames)) or frames_digest(frames) for frames in flat]
+        known = _known_videos.get()
+        digests = [video_digest(known[id(frames)]) if id(frames) in known else frames_digest(frames) for frames in flat]
         return self.cache.process(self.inner, flat, digests, kwargs, {"video_metadata": metadata})
 
 
-# The digests of the videos of the prompt being rendered, by the id of their frames array: the engine
-# sets them around the processor call, so a video the router already hashed is not hashed again.
-_known_video_digests: contextvars.ContextVar[dict[int, bytes]] = contextvars.ContextVar("known_videos", default={})
+# The videos of the prompt being rendered, by the id of their frames array (alive, so ids are unique):
+# the engine sets them around the processor call, so a video the router already hashed is not hashed again.
+_known_videos: contextvars.ContextVar[dict[int, Video]] = contextvars.ContextVar("known_videos", default={})
 
 
 @contextlib.contextmanager
 def known_videos(videos: Sequence[Video]):
-    """Within this block, the processor cache keys each of these videos' frames by its digest."""
-    token = _known_video_digests.set({id(video.frames): video_digest(video) for video in videos})
+    """Within this block, the processor cache keys each of these videos' frames by the video's digest."""
+    token = _known_videos.set({id(video.frames): video for video in videos})
     try:
         yield
     finally:
-        _known_video_digests.reset(token)
+        _known_videos.reset(token)
 
 
 def _flatten(images) -> list:
