@@ -242,8 +242,9 @@ class ProcessorCache(_Bounded):
         self._lock = threading.Lock()
 
     def install(self, processor) -> None:
-        processor.image_processor = _CachingMediaProcessor(processor.image_processor, self, video=False)
-        processor.video_processor = _CachingMediaProcessor(processor.video_processor, self, video=True)
+        for name, video in (("image_processor", False), ("video_processor", True)):
+            if getattr(processor, name, None) is not None:
+                setattr(processor, name, _CachingMediaProcessor(getattr(processor, name), self, video=video))
 
     def process(self, inner, items: list, digests: list[bytes], kwargs: dict, per_item: dict[str, list]):
         """inner(items, **kwargs), item by item through the cache; `per_item` names the kwargs that hold
