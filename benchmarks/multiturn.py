@@ -4,8 +4,9 @@
 
 Serves the instruct variant of a preset (`small` by default) through Ray Serve, once with the
 prefix and vision-feature caches on and once with both off. Each round is a new 5-turn chat whose
-first user message carries a photo-sized JPEG (1280x960) as a data URL, resent every turn as a
-client does (the web page included); each answer (greedy, 16 tokens) goes back into the history.
+first user message carries a photo-sized JPEG (1280x960) as a data URL (`--media video`: a 4 s
+640x480 MP4), resent every turn as a client does (the web page included); each answer (greedy,
+16 tokens) goes back into the history.
 Prints the median time to first token of every turn, turn k against turn 1, and the replica's
 cache bytes and hits.
 """
@@ -41,6 +42,27 @@ def photo(seed: int, size: tuple[int, int] = (1280, 960)) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def clip(seed: int, size: tuple[int, int] = (640, 480), frames: int = 32, fps: int = 8) -> str:
+    """A video-like MP4 data URL (4 s at 8 fps): drifting smooth gradients with a little noise, H.264."""
+    import av  # the test requirements' encoder; the service itself only decodes
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    scales = rng.uniform(50, 200, (3, 2))
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as output:
+        stream = output.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for t in range(frames):
+            base = np.stack([np.sin((x + 6 * t) / scales[c, 0] + c) * np.cos(y / scales[c, 1] - c) for c in range(3)], -1)
+            pixels = ((base + 1) * 110 + rng.normal(0, 4, base.shape)).clip(0, 255).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                output.mux(packet)
+        for packet in stream.encode():
+            output.mux(packet)
+    return "data:video/mp4;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 def turn(client: httpx.Client, messages: list[dict], tokens: int) -> tuple[float, str]:
     """Stream one turn; (seconds to the first content, the answer)."""
     body = {"model": "instruct", "messages": messages, "stream": True, "max_tokens": tokens, "min_tokens": tokens,
@@ -59,18 +81,21 @@ def turn(client: httpx.Client, messages: list[dict], tokens: int) -> tuple[float
     return first, "".join(answer)
 
 
-def chat_rounds(url: str, rounds: int, tokens: int, seed: int) -> list[list[float]]:
-    """Time to first token of each turn, per round (a new chat and a new photo each round)."""
+def chat_rounds(url: str, rounds: int, tokens: int, seed: int, media: str = "image") -> list[list[float]]:
+    """Time to first token of each turn, per round (a new chat and a new photo or clip each round)."""
     results = []
     with httpx.Client(base_url=url, timeout=600) as client:
         for r in range(rounds):
-            image = photo(seed + r)
+            if media == "video":
+                part = {"type": "video_url", "video_url": {"url": clip(seed + r)}}
+            else:
+                part = {"type": "image_url", "image_url": {"url": photo(seed + r)}}
             messages: list[dict] = []
             ttfts = []
             for k in range(TURNS):
                 content: list[dict] = [{"type": "text", "text": QUESTIONS[k]}]
                 if k == 0:
-                    content.insert(0, {"type": "image_url", "image_url": {"url": image}})
+                    content.insert(0, part)
                 messages.append({"role": "user", "content": content})
                 ttft, answer = turn(client, messages, tokens)
                 messages.append({"role": "assistant", "content": answer})
@@ -93,6 +118,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the model replica")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--media", choices=("image", "video"), default="image",
+                        help="what the first message carries: a 1280x960 JPEG, or a 4 s 640x480 MP4 (32 frames)")
     parser.add_argument("--min-tokens", type=int, default=None,
                         help="model.prefix_cache_min_tokens for the caches-on run (default: the service's)")
     args = parser.parse_args()
@@ -106,7 +133,7 @@ def main() -> None:
             model |= {"prefix_cache_min_tokens": args.min_tokens}
         url = start_app({"instruct": {"model": model}, "thinking": None})
         turn(httpx.Client(base_url=url, timeout=600), [{"role": "user", "content": "warm up"}], 2)
-        rounds = chat_rounds(url, args.rounds, args.tokens, args.seed)
+        rounds = chat_rounds(url, args.rounds, args.tokens, args.seed, args.media)
         medians = [statistics.median(r[k] for r in rounds) for k in range(TURNS)]
         report[label] = {"ttft_ms": [round(m * 1000, 1) for m in medians],
                          "range_ms": [(round(min(r[k] for r in rounds) * 1000, 1), round(max(r[k] for r in rounds) * 1000, 1))
