@@ -35,6 +35,31 @@ class ChatMessage:
     reasoning: str | None = None  # an assistant turn's reasoning_content
     tool_calls: list[dict] | None = None  # an assistant turn's calls: {"name": str, "arguments": dict}
 
+    def __reduce__(self):
+        # RGB images cross processes as arrays: Ray hands an array's buffer over without pickling it, where
+        # a PIL image pickles its pixels through its encoder (measured: 8-12 ms to pickle and 5-8 ms to load
+        # a 1280x960 image, against about 3 ms each way for the array).
+        content = [_ImageArray(np.asarray(part), dict(part.info)) if isinstance(part, Image.Image)
+                   and part.mode == "RGB" else part for part in self.content]
+        return _message, (self.role, content, self.reasoning, self.tool_calls)
+
+
+@dataclass
+class _ImageArray:
+    pixels: np.ndarray  # (height, width, 3), uint8
+    info: dict
+
+
+def _message(role, content, reasoning, tool_calls) -> ChatMessage:
+    parts = []
+    for part in content:
+        if isinstance(part, _ImageArray):
+            image = Image.fromarray(part.pixels, "RGB")
+            image.info.update(part.info)
+            part = image
+        parts.append(part)
+    return ChatMessage(role, parts, reasoning, tool_calls)
+
 
 @dataclass(frozen=True)
 class Constraint:
