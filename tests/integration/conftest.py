@@ -20,6 +20,17 @@ SECURE_KEY = "test-key-123"
 FUZZ_APP = "fuzz"
 
 
+@pytest.fixture(scope="module")
+def restore_torch_threads() -> Iterator[None]:
+    """Engine(torch_threads=...) sets a process-wide value: a module of in-process engines gives the
+    modules after it theirs back (`pytestmark = pytest.mark.usefixtures("restore_torch_threads")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _free_ports(count: int) -> list[int]:
     """Distinct free ports: all bound at once, so the OS cannot hand out one twice."""
     sockets = [socket.socket() for _ in range(count)]

@@ -4,7 +4,6 @@ output is exactly what an engine without them generates."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -18,11 +17,7 @@ from deployments.engine import Engine
 from deployments.types import ChatMessage, GenerationRequest, SamplingParams, Video
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _restore_torch_threads() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 def engine(checkpoints, variant: str = "instruct", **settings) -> Engine:

@@ -33,12 +33,7 @@ from tests.waiting import wait_until_async
 THREADS = 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _restore_torch_threads() -> Iterator[None]:
-    """Engine(torch_threads=...) sets a process-wide value: give other modules theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 def engine_config(checkpoint, variant: str = "instruct", **overrides) -> ModelConfig:
