@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import DynamicCache
 
+from deployments.compiled import DecodeStep
 from deployments.errors import GrammarError, NumericalError
 from deployments.grammar import Masker
 from deployments.reuse import PrefixCache, Snapshot, VisionCache
@@ -116,19 +117,23 @@ class EngineCore:
     def __init__(self, model, max_rows: int, max_len: int, pad_token_id: int, batch_wait_s: float,
                  continuous: bool = True, prefill_tokens: int = 512,
                  on_rows: Callable[[int], None] = lambda rows: None,
-                 prefix_cache: PrefixCache | None = None, vision_cache: VisionCache | None = None) -> None:
+                 prefix_cache: PrefixCache | None = None, vision_cache: VisionCache | None = None,
+                 compile_decode: bool = False) -> None:
         self.model, self.max_rows, self.continuous = model, max_rows, continuous
         self.text, self.lm_head = model.model.language_model, model.lm_head
         self.text_config = model.config.get_text_config()
         self.device = model.device
         self._pad, self._wait_s, self._prefill_tokens, self._on_rows = pad_token_id, batch_wait_s, prefill_tokens, on_rows
         conv_dtype = next((m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.Conv1d)), model.dtype)
-        self.cache = SlotCache(self.text_config, max_rows, max_len, model.dtype, self.device, conv_dtype)
+        with torch.inference_mode():  # as every tensor the engine thread makes: a compiled step guards on it
+            self.cache = SlotCache(self.text_config, max_rows, max_len, model.dtype, self.device, conv_dtype)
+            self._next_ids = torch.zeros(max_rows, dtype=torch.long, device=self.device)
+        self.step = DecodeStep(self.text, self.lm_head, compile_decode, lambda: SlotCache(
+            self.text_config, max_rows, max_len, model.dtype, self.device, conv_dtype, initial_len=16))
         self._masker = Masker(max_rows, self.text_config.vocab_size)
         self.prefix_cache = prefix_cache or PrefixCache(0)
         self.vision_cache = vision_cache or VisionCache(0)
         self._rows: list[Row] = []  # slot order: row i lives in slot i
-        self._next_ids = torch.zeros(max_rows, dtype=torch.long, device=self.device)
         self._seen: torch.Tensor | None = None  # (max_rows, vocab) ids the repetition penalty applies to
         self._params: BatchParams | None = None  # of the running rows; None when they changed
         self._eos: torch.Tensor | None = None  # the running rows' end-of-sequence (and stop) ids
@@ -393,13 +398,10 @@ class EngineCore:
         self.decode_steps += 1
         rows = len(self._rows)
         try:
-            positions, mask = self.cache.begin_step(rows)
-            hidden = self.text(
-                input_ids=self._next_ids[:rows, None], position_ids=positions,
-                attention_mask={"full_attention": mask, "linear_attention": None}, cache=self.cache, use_cache=True,
-            ).last_hidden_state
+            positions, mask = self.cache.begin_step(rows, masked=self.step.compiled and rows > 1)
+            logits = self.step(self._next_ids[:rows, None], positions, mask, self.cache)
             self.cache.end_step()
-            self._sample_and_stream(self.lm_head(hidden[:, -1]), 0)
+            self._sample_and_stream(logits, 0)
         except Exception as exc:  # the shared forward failed: end what runs, keep serving
             logger.error("Decode step failed for %d requests", rows, exc_info=exc)
             for row in self._rows:

@@ -79,7 +79,7 @@ class Engine:
             self.model, config.max_batch_size, self.max_model_len, pad, config.batch_wait_ms / 1000,
             config.continuous_batching, config.prefill_chunk_tokens, on_batch_rows,
             reuse.PrefixCache(config.prefix_cache_bytes, on_cache, config.prefix_cache_min_tokens),
-            reuse.VisionCache(config.vision_cache_bytes, on_cache),
+            reuse.VisionCache(config.vision_cache_bytes, on_cache), config.compile_decode,
         )
 
     @property

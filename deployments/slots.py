@@ -26,9 +26,13 @@ class SlotCache:
     def __init__(self, config: PretrainedConfig, max_rows: int, max_len: int, dtype: torch.dtype,
                  device: torch.device, conv_dtype: torch.dtype | None = None, initial_len: int = 256) -> None:
         self.max_rows, self.max_len = max_rows, max_len
-        self.capacity = min(initial_len, max_len)
+        self.capacity = min(initial_len, max_len + 1)
         self.lengths = torch.zeros(max_rows, dtype=torch.long, device=device)
-        self.rows = 0  # slots in use by the forward being run (and the running batch)
+        # The step being run: its slots 0..rows-1 and its columns 0..width-1, as tensors whose shapes say
+        # how many (sizes a compiled step reads as symbols, where plain int attributes would recompile it).
+        self._slots = torch.arange(0, device=device)
+        self._columns = torch.arange(0, device=device)
+        self._positions = self.lengths[:0]
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.conv: dict[int, torch.Tensor] = {}
@@ -47,18 +51,23 @@ class SlotCache:
                 self.recurrent[layer] = torch.zeros(
                     max_rows, config.linear_num_value_heads, config.linear_key_head_dim,
                     config.linear_value_head_dim, dtype=torch.float32, device=device)
-        self._positions: torch.Tensor | None = None
-        self._slots: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        """Slots in use by the step being run (and the running batch)."""
+        return self._slots.shape[0]
 
     # ---- what the engine calls ----
 
     def ensure_capacity(self, length: int) -> None:
-        """Make every slot able to hold `length` columns (doubling; a rare copy, never per step)."""
-        if length <= self.capacity:
+        """Make every slot able to hold `length` columns (doubling; a rare copy, never per step). One column
+        more is always kept: a step's view of the keys is then never the whole tensor, the layout that a
+        compiled step's graph was traced with."""
+        if length < self.capacity:
             return
         if length > self.max_len:
             raise ValueError(f"{length} positions exceed the cache's limit of {self.max_len}")
-        capacity = min(self.max_len, max(length, 2 * self.capacity))
+        capacity = min(self.max_len + 1, max(length + 1, 2 * self.capacity))
         for store in (self.keys, self.values):
             for layer, old in store.items():
                 grown = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
@@ -89,19 +98,18 @@ class SlotCache:
                 tensor[target] = tensor[source]
         self.lengths[target] = length
 
-    def begin_step(self, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def begin_step(self, rows: int, masked: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prepare a decode step over slots 0..rows-1: their position ids (rows, 1) and the
-        full-attention mask (rows, 1, 1, columns), None when every row has the same length."""
-        self.rows = rows
+        full-attention mask (rows, 1, 1, columns), None when every row has the same length (unless `masked`)."""
         positions = self.lengths[:rows]
-        self.ensure_capacity(int(positions.max()) + 1)
+        width = int(positions.max()) + 1
+        self.ensure_capacity(width)
         self._positions = positions
         self._slots = torch.arange(rows, device=positions.device)
-        self._columns = int(positions.max()) + 1
+        self._columns = torch.arange(width, device=positions.device)
         mask = None
-        if int(positions.min()) != self._columns - 1:
-            mask = torch.arange(self._columns, device=positions.device)[None, :] <= positions[:, None]
-            mask = mask[:, None, None, :]
+        if masked or int(positions.min()) != width - 1:
+            mask = (self._columns[None, :] <= positions[:, None])[:, None, None, :]
         return positions[:, None].clone(), mask
 
     def end_step(self) -> None:
@@ -113,7 +121,8 @@ class SlotCache:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         keys[self._slots, :, self._positions] = key_states[:, :, 0]
         values[self._slots, :, self._positions] = value_states[:, :, 0]
-        return keys[: self.rows, :, : self._columns], values[: self.rows, :, : self._columns]
+        rows, width = self._slots.shape[0], self._columns.shape[0]
+        return keys[:rows, :, :width], values[:rows, :, :width]
 
     def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor:
         return self.conv[layer_idx][: self.rows]

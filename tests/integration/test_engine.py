@@ -470,15 +470,14 @@ async def test_health_check_generates_when_idle_and_passes(tiny_checkpoints):
 async def test_a_batch_that_stops_stepping_fails_the_health_check_and_passes_once_it_moves(tiny_checkpoints):
     """A forward that hangs (as a wedged device would) makes the health check fail, so Serve replaces the replica."""
     engine = Engine(engine_config(tiny_checkpoints["instruct"], health_check_stall_s=0.5))
-    real, gate, calls = engine.core.text, threading.Event(), []
+    gate, calls = threading.Event(), []
 
-    def wedged(*args, **kwargs):
+    def wedged(module, args):
         calls.append(1)
         if len(calls) == 4:
             gate.wait(120)
-        return real(*args, **kwargs)
 
-    engine.core.text = wedged
+    hook = engine.model.model.language_model.register_forward_pre_hook(wedged)
     request = GenerationRequest([ChatMessage("user", ["hi"])], enable_thinking=False,
                                 sampling=SamplingParams(max_tokens=20, min_tokens=20, temperature=0.0))
 
@@ -494,5 +493,6 @@ async def test_a_batch_that_stops_stepping_fails_the_health_check_and_passes_onc
     finally:
         gate.set()
     chunks = await task
+    hook.remove()
     assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 20
     await engine.check_health()

@@ -1,0 +1,132 @@
+"""The compiled decode step (`compile_decode`) on the real tiny checkpoint: torch.compile (inductor) of
+the model's own forward on the engine's SlotCache.
+
+Compiled kernels round differently from eager ones, and random weights give near-tied logits, so
+the compiled step is checked against the eager one by its logits (fp32, step by step, the same
+tokens fed to both), not by greedy text. Every test runs under the `fail_on_recompile` stance: a
+step the warm-up graphs do not cover fails the test instead of silently running eagerly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache
+
+from deployments import checkpoint
+from deployments.compiled import DecodeStep
+from deployments.config import ModelConfig
+from deployments.engine import Engine
+from deployments.slots import SlotCache
+from deployments.types import ChatMessage, GenerationRequest, SamplingParams
+
+pytestmark = [pytest.mark.usefixtures("restore_torch_threads"), pytest.mark.timeout(900)]
+
+COMPILE_TIMEOUT_S = 600  # two graphs on a busy 2-core machine; about a minute on a quiet one
+
+
+@pytest.fixture(autouse=True)
+def fail_on_recompile(monkeypatch) -> None:
+    monkeypatch.setattr(DecodeStep, "fallback", "fail_on_recompile")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoints):
+    torch.set_num_threads(1)
+    return checkpoint.load(str(tiny_checkpoints["instruct"]), "instruct", "float32", "cpu")[1]
+
+
+def slot_cache(model, initial_len: int) -> SlotCache:
+    with torch.inference_mode():  # as the engine makes its cache
+        return SlotCache(model.config.get_text_config(), 4, 4096, model.dtype, model.device, initial_len=initial_len)
+
+
+def prefill(model, cache: SlotCache, prompts: list[torch.Tensor]) -> None:
+    """Each prompt's state into its slot, as the engine's join does."""
+    text = model.model.language_model
+    for slot, ids in enumerate(prompts):
+        prefilled = DynamicCache(config=model.config.get_text_config())
+        text(input_ids=ids[None], cache=prefilled, use_cache=True)
+        cache.load(slot, prefilled, 0, 0, len(ids))
+
+
+def test_the_compiled_step_gives_the_eager_logits_for_every_batch_shape(model):
+    text, lm_head = model.model.language_model, model.lm_head
+    step = DecodeStep(text, lm_head, True, lambda: slot_cache(model, 16))
+    assert step.wait_compiled(COMPILE_TIMEOUT_S), step.error
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 1000, (length,), generator=generator) for length in (5, 11, 2)]
+    with torch.inference_mode():
+        eager, compiled = slot_cache(model, 12), slot_cache(model, 12)  # 12 columns: both grow mid-test
+        prefill(model, eager, prompts)
+        prefill(model, compiled, prompts)
+        ids = torch.stack([p[-1] for p in prompts])
+        steps = 0
+        # one row; three of unequal lengths; two (a row left); one again; each for several steps
+        for rows in (1, 3, 2, 1):
+            for _ in range(6):
+                positions, mask = eager.begin_step(rows)
+                expected = step._eager(ids[:rows, None], positions, mask, eager)
+                positions, mask = compiled.begin_step(rows, masked=rows > 1)
+                got = step(ids[:rows, None], positions, mask, compiled)
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+                eager.end_step()
+                compiled.end_step()
+                ids[:rows] = expected.argmax(-1)
+                steps += 1
+        assert compiled.capacity > 12 and torch.equal(compiled.lengths, eager.lengths)
+        for store in ("keys", "values", "conv", "recurrent"):
+            for layer, tensor in getattr(eager, store).items():
+                torch.testing.assert_close(getattr(compiled, store)[layer][:3], tensor[:3], rtol=1e-4, atol=1e-4)
+    assert step.compiled_steps == steps
+
+
+def test_a_step_the_graphs_do_not_cover_runs_eagerly_by_default(model, monkeypatch):
+    """The production stance: a call no graph covers (here an input of another dtype) is not compiled
+    under the running rows' feet; it runs eagerly and gives the eager logits."""
+    monkeypatch.setattr(DecodeStep, "fallback", "eager_on_recompile")
+    step = DecodeStep(model.model.language_model, model.lm_head, True, lambda: slot_cache(model, 16))
+    assert step.wait_compiled(COMPILE_TIMEOUT_S), step.error
+    with torch.inference_mode():
+        eager, other = slot_cache(model, 16), slot_cache(model, 16)
+        prompts = [torch.arange(10, 17)]
+        prefill(model, eager, prompts)
+        prefill(model, other, prompts)
+        ids = torch.tensor([[7]], dtype=torch.int32)  # the engine always feeds int64: no graph has int32 ids
+        expected = step._eager(ids.long(), *eager.begin_step(1), eager)
+        got = step(ids, *other.begin_step(1), other)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def request(text: str, tokens: int, **sampling) -> GenerationRequest:
+    return GenerationRequest([ChatMessage("user", [text])], False,
+                             SamplingParams(max_tokens=tokens, min_tokens=tokens, **sampling))
+
+
+async def count_tokens(engine: Engine, req: GenerationRequest) -> list[int]:
+    """Completion tokens of each of the request's sequences."""
+    counts = {}
+    async for chunk in engine.stream(req):
+        if chunk.usage:
+            counts[chunk.index] = chunk.usage.completion_tokens
+    return [counts[i] for i in sorted(counts)]
+
+
+async def test_a_compiled_engine_serves_while_compiling_then_runs_every_step_compiled(tiny_checkpoints):
+    engine = Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), torch_threads=1,
+                                dtype="float32", max_batch_size=4, compile_decode=True))
+    # While the graphs are built, requests decode eagerly.
+    assert await count_tokens(engine, request("Hello", 8)) == [8]
+    assert await asyncio.to_thread(engine.core.step.wait_compiled, COMPILE_TIMEOUT_S), engine.core.step.error
+    eager_steps = engine.core.decode_steps - engine.core.step.compiled_steps
+    # Rows join and leave at different lengths, two share a prompt, one grows the cache past its first
+    # 256 columns, one samples with a penalty and a seed.
+    counts = await asyncio.gather(
+        count_tokens(engine, request("Tell me a long story about the sea", 300)),
+        count_tokens(engine, request("Hi", 20, n=2, temperature=0.9, seed=3)),
+        count_tokens(engine, request("Name three colours " * 6, 60, repetition_penalty=1.3)),
+    )
+    assert counts == [[300], [20, 20], [60]]
+    assert engine.core.decode_steps - eager_steps == engine.core.step.compiled_steps > 300
