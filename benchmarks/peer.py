@@ -100,6 +100,22 @@ def ratios(ours: list[dict], peer: list[dict]) -> dict:
     return out
 
 
+def wait_compiled(timeout_s: float = 1800) -> None:
+    """Wait until the replica's decode step runs compiled (its graphs are built in the background)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("instruct", app_name="bench")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        decode = handle.process_info.remote().result()["decode"]
+        if decode["compiled"]:
+            print(f"decode step compiled in {decode['compile_s']:.0f} s", flush=True)
+            return
+        if decode["compile_error"] or time.monotonic() > deadline:
+            raise RuntimeError(f"the decode step did not compile: {decode}")
+        time.sleep(2)
+
+
 def report(name: str, levels: list[dict]) -> None:
     for level in levels:
         print(f"{name:<18} x{level['concurrency']:<3} TTFT p50 {level['ttft_p50_s'] * 1000:7.1f} ms  per stream "
@@ -115,8 +131,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="model threads for both servers: all cores but one, which each server's front end needs")
-    parser.add_argument("--dtypes", default="float32,bfloat16",
-                        help="the service is measured once per dtype (vLLM runs bfloat16, which it needs on a CPU)")
+    parser.add_argument("--dtypes", default="float32,bfloat16,bfloat16+compile",
+                        help="the service is measured once per entry: a dtype, '+compile' for the compiled decode "
+                        "step (measured once compiled); vLLM runs bfloat16, which it needs on a CPU")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -135,13 +152,16 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         url = start_app({
             "instruct": {"model": {"checkpoint": str(checkpoint), "max_batch_size": 16, "torch_threads": args.threads,
-                                   "dtype": dtype},
+                                   "dtype": dtype.removesuffix("+compile"),
+                                   "compile_decode": dtype.endswith("+compile")},
                          "deployment": {"num_replicas": 1, "max_queued_requests": 256,
                                         "ray_actor_options": {"num_cpus": 1}}},
             "thinking": None,
             "router": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}},
         })
         try:
+            if dtype.endswith("+compile"):
+                wait_compiled()
             ours[dtype] = measure(url, args.tokens, levels, args.rounds)
             serving[dtype] = serving_path_cpu(url, args.tokens, 8)
         finally:
