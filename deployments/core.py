@@ -3,9 +3,10 @@
 Each loop iteration (1) admits waiting requests, (2) runs at most one prefill forward of at most
 `prefill_tokens` prompt tokens (a group of short prompts together, or the next chunk of a long
 one) and (3) runs one decode step: one forward of the text tower over every running row, on the
-engine's `SlotCache`, then one batched sampling pass and one device-to-host copy. A newcomer's
-prefill thus delays the running rows by one bounded forward, never by its whole prompt, and a
-row that finishes or is cancelled leaves the batch before the next step.
+engine's `SlotCache` (eager, or a compiled graph with `compile_decode`: `deployments/compiled.py`),
+then one batched sampling pass and one device-to-host copy. A newcomer's prefill thus delays the
+running rows by one bounded forward, never by its whole prompt, and a row that finishes or is
+cancelled leaves the batch before the next step.
 
 Reuse: a request whose prompt starts with a prefix stored in the prefix cache is prefilled alone,
 from that snapshot; a prefill also stops at the end of each request's last user turn when that is
