@@ -11,7 +11,8 @@ step of several rows (always masked, so that rows of equal and unequal lengths s
 Compiling takes tens of seconds on a small CPU, so it never happens under the running rows' feet:
 a background thread builds both graphs at start on a scratch cache while the engine decodes
 eagerly, and the engine switches to them once they exist. After that a step that would need a
-new graph (a guard no warm-up step met) runs eagerly instead of compiling.
+new graph (a guard no warm-up step met) runs eagerly instead of compiling, and a compiled step
+that raises ends its rows and turns compiling off for the replica's later steps.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class DecodeStep:
         self._compiled: Callable | None = None
         self.compiled_steps = 0  # steps run by a compiled graph
         self.warm_up_s: float | None = None  # how long building the graphs took, once done
-        self.error: Exception | None = None  # why compiling failed, if it did
+        self.error: Exception | None = None  # why compiling, or a compiled step, failed, if one did
         if compile:
             # Guards on the modules' attributes cost about 1 ms per step and protect nothing: the
             # engine never changes its model's modules.
@@ -81,6 +82,12 @@ class DecodeStep:
                     logits = compiled(ids, positions, mask, cache)
                 self.compiled_steps += 1
                 return logits
+            except Exception as exc:
+                # This step's rows fail (a half-run graph may have moved their states); the next steps run
+                # eagerly, so that a fault of the compiled graphs cannot fail every step of the replica.
+                self._compiled, self.error = None, exc
+                logger.error("The compiled decode step failed; decoding eagerly from now on", exc_info=exc)
+                raise
             finally:
                 _COMPILE_LOCK.release()
         return self._eager(ids, positions, mask, cache)

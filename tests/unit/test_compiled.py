@@ -1,0 +1,42 @@
+"""DecodeStep's switching between its compiled graphs and the eager step, with fake steps (the real
+compiled step on the real model: tests/integration/test_compiled.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deployments.compiled import DecodeStep
+
+
+def step_with(compiled) -> DecodeStep:
+    """A DecodeStep whose eager step returns zeros and whose 'compiled graphs' are `compiled`."""
+    step = DecodeStep(torch.nn.Identity(), torch.nn.Identity(), False, lambda: None)
+    step._eager = lambda ids, positions, mask, cache: torch.zeros(ids.shape[0], 4)
+    step._compiled = compiled
+    return step
+
+
+def call(step: DecodeStep) -> torch.Tensor:
+    return step(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), None, None)
+
+
+def test_steps_run_compiled_once_the_graphs_exist():
+    step = step_with(lambda ids, positions, mask, cache: torch.ones(ids.shape[0], 4))
+    assert step.compiled and torch.equal(call(step), torch.ones(2, 4)) and step.compiled_steps == 1
+
+
+def test_a_failing_compiled_step_fails_once_then_the_steps_run_eagerly():
+    def broken(*args):
+        raise RuntimeError("kernel fault")
+
+    step = step_with(broken)
+    with pytest.raises(RuntimeError, match="kernel fault"):
+        call(step)
+    assert not step.compiled and "kernel fault" in str(step.error)
+    assert torch.equal(call(step), torch.zeros(2, 4)) and step.compiled_steps == 0
+
+
+def test_without_compile_every_step_is_eager():
+    step = DecodeStep(torch.nn.Identity(), torch.nn.Identity(), False, lambda: None)
+    assert not step.compiled and step.wait_compiled(0) is False and step.warm_up_s is None
