@@ -42,9 +42,9 @@ class ModelSettings(BaseModel):
     compile_decode: bool = Field(
         default=False,
         description="Compile the decode step with torch.compile (inductor; needs a C++ compiler on CPU). A background "
-        "thread builds the graphs when the replica starts (about a minute on 2 CPU cores; a compiler cache makes "
-        "later starts faster) while requests decode eagerly; then every step runs compiled. Measured 1.5x faster "
-        "for one stream on the small preset on a 2-core CPU (BENCHMARKS.md). If compiling fails, decoding stays eager.",
+        "thread builds the graphs when the replica starts (30-60 s on 2 CPU cores; a compiler cache makes later "
+        "starts faster) while requests decode eagerly; then every step runs compiled. Measured 1.2-1.5x faster for "
+        "one stream of the small preset on a 2-core CPU (BENCHMARKS.md). If compiling fails, decoding stays eager.",
     )
     torch_threads: int | None = Field(
         default=None, gt=0, description="torch intra-op threads for CPU inference. Default: torch's choice."
