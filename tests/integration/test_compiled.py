@@ -13,6 +13,7 @@ import asyncio
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from transformers.cache_utils import DynamicCache
 
 from deployments import checkpoint
@@ -96,8 +97,10 @@ def test_a_step_the_graphs_do_not_cover_runs_eagerly_by_default(model, monkeypat
         prefill(model, other, prompts)
         ids = torch.tensor([[7]], dtype=torch.int32)  # the engine always feeds int64: no graph has int32 ids
         expected = step._eager(ids.long(), *eager.begin_step(1), eager)
+        graphs = counters["stats"]["unique_graphs"]
         got = step(ids, *other.begin_step(1), other)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing was compiled for it
 
 
 def request(text: str, tokens: int, **sampling) -> GenerationRequest:
