@@ -52,6 +52,7 @@ class DecodeStep:
         self.compiled_steps = 0  # steps run by a compiled graph
         self.warm_up_s: float | None = None  # how long building the graphs took, once done
         self.error: Exception | None = None  # why compiling, or a compiled step, failed, if one did
+        self._thread: threading.Thread | None = None
         if compile:
             # Guards on the modules' attributes cost about 1 ms per step and protect nothing: the
             # engine never changes its model's modules.
@@ -68,9 +69,8 @@ class DecodeStep:
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
         """Block until the warm-up ended (built or failed); whether steps run compiled now."""
-        thread = getattr(self, "_thread", None)
-        if thread is not None:
-            thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
         return self.compiled
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,

@@ -126,11 +126,14 @@ class EngineCore:
         self.device = model.device
         self._pad, self._wait_s, self._prefill_tokens, self._on_rows = pad_token_id, batch_wait_s, prefill_tokens, on_rows
         conv_dtype = next((m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.Conv1d)), model.dtype)
+
+        def slot_cache(**sizes) -> SlotCache:
+            return SlotCache(self.text_config, max_rows, max_len, model.dtype, self.device, conv_dtype, **sizes)
+
         with torch.inference_mode():  # as every tensor the engine thread makes: a compiled step guards on it
-            self.cache = SlotCache(self.text_config, max_rows, max_len, model.dtype, self.device, conv_dtype)
+            self.cache = slot_cache()
             self._next_ids = torch.zeros(max_rows, dtype=torch.long, device=self.device)
-        self.step = DecodeStep(self.text, self.lm_head, compile_decode, lambda: SlotCache(
-            self.text_config, max_rows, max_len, model.dtype, self.device, conv_dtype, initial_len=16))
+        self.step = DecodeStep(self.text, self.lm_head, compile_decode, lambda: slot_cache(initial_len=16))
         self._masker = Masker(max_rows, self.text_config.vocab_size)
         self.prefix_cache = prefix_cache or PrefixCache(0)
         self.vision_cache = vision_cache or VisionCache(0)
