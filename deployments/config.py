@@ -73,8 +73,8 @@ class ModelSettings(BaseModel):
         default=256, ge=1,
         description="A prompt is stored in the prefix cache when its last user turn ends this many tokens or more "
         "past the point it resumed from (the start, or an earlier snapshot), or when that part holds an image or "
-        "video. Storing costs one more prefill forward; below this, a later turn prefills the text in the same "
-        "forward as its own.",
+        "video. Storing costs memory and a second pass of the linear-attention layers' recurrence in that prefill; "
+        "below this, a later turn prefills the text in the same forward as its own.",
     )
     vision_cache_bytes: int = Field(
         default=256 * MiB, ge=0,

@@ -9,9 +9,9 @@ running rows by one bounded forward, never by its whole prompt, and a row that f
 cancelled leaves the batch before the next step.
 
 Reuse: a request whose prompt starts with a prefix stored in the prefix cache is prefilled alone,
-from that snapshot; a prefill also stops at the end of each request's last user turn when that is
-worth storing for the chat's next turn; the vision tower runs only on the images and videos the
-vision cache lacks (`deployments/reuse.py`).
+from that snapshot; the state at the end of each request's last user turn, when worth storing for
+the chat's next turn, is snapshotted inside the forward that covers it (`deployments/prefill.py`);
+the vision tower runs only on the images and videos the vision cache lacks (`deployments/reuse.py`).
 
 Isolation: a row's failure ends that row only. A prefill group that fails is split and each
 prompt retried alone, so only the one that cannot be prefilled fails; a row whose logits go
@@ -30,86 +30,16 @@ from collections import deque
 from collections.abc import Callable
 
 import torch
-from transformers.cache_utils import DynamicCache
-
 from deployments.compiled import DecodeStep
 from deployments.errors import GrammarError, NumericalError
 from deployments.grammar import Masker
+from deployments.prefill import Family, Prefill, StateTaps
 from deployments.reuse import PrefixCache, Snapshot, VisionCache
 from deployments.rows import Row, deliver, merge_inputs
 from deployments.sampling import BatchParams, sample
 from deployments.slots import SlotCache
 
 logger = logging.getLogger("ray.serve")
-
-
-# The rows of one request: its n sequences share one prompt, prefilled once (the first row holds the inputs).
-Family = list[Row]
-
-
-class _Prefill:
-    """The prompt forward of a group of newcomers, run chunk by chunk into a DynamicCache.
-
-    `past` positions come from a prefix-cache snapshot (a group of one then): `embeds` holds the
-    rest, `mask` and `positions` the whole width. Chunks also end at each family's last turn end,
-    where its state is snapshotted for the chat's next turn (`stores`: suffix column -> families).
-    """
-
-    def __init__(self, families: list[Family], embeds: torch.Tensor, mask: torch.Tensor, chunk: int,
-                 config, past: Snapshot | None = None, stores: dict[int, list[tuple[int, bytes]]] | None = None
-                 ) -> None:
-        self.families, self.embeds, self.mask, self.chunk = families, embeds, mask, chunk
-        self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        self.cache = DynamicCache(config=config)
-        self.past = 0
-        if past is not None:
-            _restore(self.cache, past)
-            self.past = past.length
-        self.stores = stores or {}
-        self.offset = 0
-
-    @property
-    def rows(self) -> list[Row]:
-        return [row for family in self.families for row in family]
-
-    @property
-    def done(self) -> bool:
-        return self.offset >= self.embeds.shape[1]
-
-    def chunk_end(self) -> int:
-        """Where the next chunk ends (suffix columns): the chunk size, or an earlier snapshot column."""
-        start = self.offset
-        end = min(start + max(1, self.chunk // len(self.families)), self.embeds.shape[1])
-        return min([end, *(column for column in self.stores if column > start)])
-
-    def snapshot(self, family_index: int, length: int) -> Snapshot:
-        """Row `family_index`'s state now, which is after the first `length` of its prompt positions."""
-        width = self.past + self.offset
-        start = width - length
-        keys, values, conv, recurrent = {}, {}, {}, {}
-        for layer, cache_layer in enumerate(self.cache.layers):
-            if hasattr(cache_layer, "conv_states"):
-                conv[layer] = cache_layer.conv_states[0][family_index].clone()
-                recurrent[layer] = cache_layer.recurrent_states[0][family_index].clone()
-            else:
-                keys[layer] = cache_layer.keys[family_index, :, start:width].clone()
-                values[layer] = cache_layer.values[family_index, :, start:width].clone()
-        return Snapshot(length, keys, values, conv, recurrent)
-
-
-def _restore(cache: DynamicCache, snapshot: Snapshot) -> None:
-    """Fill an empty one-row DynamicCache with a snapshot, as if its prefix had just been prefilled."""
-    for layer, cache_layer in enumerate(cache.layers):
-        if layer in snapshot.conv:
-            conv, recurrent = snapshot.conv[layer][None], snapshot.recurrent[layer][None]
-            cache_layer.lazy_initialization(conv_states=conv, recurrent_states=recurrent)
-            cache_layer.conv_states[0].copy_(conv)
-            cache_layer.recurrent_states[0].copy_(recurrent)
-            cache_layer.has_previous_state[0] = True
-        else:
-            keys, values = snapshot.keys[layer][None], snapshot.values[layer][None]
-            cache_layer.lazy_initialization(keys, values)
-            cache_layer.keys, cache_layer.values = keys, values  # update() concatenates: the snapshot stays intact
 
 
 class EngineCore:
@@ -134,6 +64,7 @@ class EngineCore:
             self.cache = slot_cache()
             self._next_ids = torch.zeros(max_rows, dtype=torch.long, device=self.device)
         self.step = DecodeStep(self.text, self.lm_head, compile_decode, lambda: slot_cache(initial_len=16))
+        self.taps = StateTaps(self.text)
         self._masker = Masker(max_rows, self.text_config.vocab_size)
         self.prefix_cache = prefix_cache or PrefixCache(0)
         self.vision_cache = vision_cache or VisionCache(0)
@@ -145,7 +76,7 @@ class EngineCore:
         self._shared_generator.seed()
         self._waiting: queue.Queue[Family] = queue.Queue()
         self._queued: deque[Family] = deque()  # admitted, not yet prefilled
-        self._prefill: _Prefill | None = None
+        self._prefill: Prefill | None = None
         self.batch_sizes: list[int] = []  # rows in the batch after each admission (last 100)
         self.decode_steps = 0
         self.cancel_lags: deque[int] = deque(maxlen=100)  # decode steps from a row's cancel to its leaving
@@ -246,7 +177,7 @@ class EngineCore:
                     row.end(exc)
                 self._drop_finished()  # those already given a slot leave it
 
-    def _start_prefill(self) -> _Prefill | None:
+    def _start_prefill(self) -> Prefill | None:
         """A group from the front of the queue that fits the free slots and whose padded prompts fit
         the token budget (at least one request, when its rows fit). A request that resumes from the
         prefix cache is prefilled alone, from its snapshot."""
@@ -270,7 +201,7 @@ class EngineCore:
             for row in family:
                 row.inputs = None  # the images live on in the embeddings, then only in the cache
             family[0].resume = None  # the snapshot lives on in the prefill's cache only (it may be evicted)
-        return _Prefill(group, embeds, inputs["attention_mask"], self._prefill_tokens, self.text_config, past,
+        return Prefill(group, embeds, inputs["attention_mask"], self._prefill_tokens, self.text_config, past,
                         self._stores(leads, inputs["input_ids"].shape[1], length))
 
     def _resume_point(self, family: Family) -> Snapshot | None:
@@ -352,19 +283,24 @@ class EngineCore:
             found = [features if features is not None else computed[id(item)] for item, features in zip(items, found)]
         return torch.cat(found)
 
-    def _prefill_chunk(self, prefill: _Prefill) -> torch.Tensor | None:
+    def _prefill_chunk(self, prefill: Prefill) -> torch.Tensor | None:
         """Forward the next chunk of the group's prompts; after the last chunk, the logits of the last
-        position (rows, vocab), else None. Snapshots the families whose last turn ends where the chunk ends."""
+        position (rows, vocab), else None. Snapshots the families whose last turn ends within the chunk."""
         self._mark_progress()
-        start, end, past = prefill.offset, prefill.chunk_end(), prefill.past
-        hidden = self.text(
-            inputs_embeds=prefill.embeds[:, start:end], attention_mask=prefill.mask[:, : past + end],
-            position_ids=prefill.positions[:, past + start : past + end], cache=prefill.cache, use_cache=True,
-        ).last_hidden_state
+        (start, end), past = prefill.next_chunk(), prefill.past
+        stores = prefill.stores_within(start, end)
+        inside = {column - start: [index for index, _ in due] for column, due in stores.items() if column < end}
+        with self.taps.at(inside) as linear:
+            hidden = self.text(
+                inputs_embeds=prefill.embeds[:, start:end], attention_mask=prefill.mask[:, : past + end],
+                position_ids=prefill.positions[:, past + start : past + end], cache=prefill.cache, use_cache=True,
+            ).last_hidden_state
         prefill.offset = end
-        for index, key in prefill.stores.get(end, []):
-            lead = prefill.families[index][0]
-            self.prefix_cache.store(key, prefill.snapshot(index, lead.layout.store_at[0]))
+        for column, due in stores.items():
+            for index, key in due:
+                length = prefill.families[index][0].layout.store_at[0]
+                snapshot = prefill.snapshot(index, length, column, linear.get((column - start, index)))
+                self.prefix_cache.store(key, snapshot)
         return self.lm_head(hidden[:, -1]) if prefill.done else None
 
     def _prefill_failed(self, group: list[Family], exc: Exception) -> None:
@@ -380,7 +316,7 @@ class EngineCore:
         for row in group[0]:
             row.end(exc)
 
-    def _join(self, prefill: _Prefill, logits: torch.Tensor) -> None:
+    def _join(self, prefill: Prefill, logits: torch.Tensor) -> None:
         """Copy the prefilled rows into free slots (each of a request's n rows from its one prompt) and
         sample their first tokens."""
         width = prefill.mask.shape[1]

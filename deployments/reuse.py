@@ -171,12 +171,11 @@ class _Bounded:
 class PrefixCache(_Bounded):
     """Snapshots of the text tower at turn ends, bounded in bytes.
 
-    Storing splits a prefill at the turn's end: one more forward, which costs the most on a small
-    batch (a forward reads every weight, whatever its token count). So a prompt is stored only when
-    that buys enough: its last turn ends `min_tokens` or more past where it resumed from, or the part
-    since holds an image or video (vision work a later turn must not redo). Later turns of a chat then
-    resume from its last snapshot and prefill the text since in one forward, until that text is long
-    enough to store again.
+    Storing costs memory and, inside the prefill forward, a second pass of each linear-attention
+    layer's recurrence (`deployments/prefill.py`). So a prompt is stored only when that buys enough:
+    its last turn ends `min_tokens` or more past where it resumed from, or the part since holds an
+    image or video (vision work a later turn must not redo). Later turns of a chat then resume from its
+    last snapshot and prefill the text since in one forward, until that text is long enough to store again.
     """
 
     def __init__(self, budget: int, observe: CacheObserver = ignore_cache_event, min_tokens: int = 1) -> None:

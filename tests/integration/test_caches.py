@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers.cache_utils import DynamicCache
 
 from deployments import reuse
 from deployments.config import ModelConfig
@@ -83,8 +84,8 @@ class Forwards:
 @pytest.mark.parametrize("variant", ["instruct", "thinking"])
 async def test_later_turns_resume_from_the_prefix_and_answer_exactly_as_without_caches(tiny_checkpoints, cold,
                                                                                      variant, monkeypatch):
-    """With the default threshold, the first turn (it has the image) is stored; the later, short turns resume
-    from it and prefill the text since in one forward, storing nothing more."""
+    """With the default threshold, the first turn (it has the image) is stored, from inside its one forward; the
+    later, short turns resume from it and prefill the text since in one forward, storing nothing more."""
     warm = engine(tiny_checkpoints, variant)
     forwards = Forwards(warm, monkeypatch)
     first = [picture(1), "what is in this picture?"]
@@ -98,7 +99,7 @@ async def test_later_turns_resume_from_the_prefix_and_answer_exactly_as_without_
         prepared = warm.prepare(request)
         if stored_at is None:
             assert sum(forwards.prefilled) == prepared.prompt_tokens and forwards.vision_units > 0
-            assert len(forwards.prefilled) == 2, "split at the end of the user turn, to snapshot it"
+            assert len(forwards.prefilled) == 1 and len(warm.core.prefix_cache._lru) == 1
             stored_at = prepared.layout.store_at[0]
         else:
             assert warm.core.prefix_cache.stats[0] == hits_before + 1
@@ -119,9 +120,72 @@ async def test_with_a_low_threshold_every_turn_is_stored_and_the_next_resumes_fr
         if previous is not None:
             resumed_at = warm.prepare(previous).layout.store_at[0]
             assert sum(forwards.prefilled) == warm.prepare(request).prompt_tokens - resumed_at
-            assert len(forwards.prefilled) == 2, "resumed, then split again to store this turn"
+            assert len(forwards.prefilled) == 1, "resumed, and stored this turn from inside the same forward"
         previous = request
     assert warm.core.prefix_cache.stats == (3, 1) and len(warm.core.prefix_cache._lru) == 4
+
+
+def test_states_tapped_inside_one_forward_are_those_of_forwards_ending_there(tiny_checkpoints):
+    """The linear-attention states StateTaps copies at columns 5 and 9 of one 14-position forward (two rows,
+    one left-padded) match the cache after forwards that end at 5 and 9; so do the outputs and final states."""
+    core = engine(tiny_checkpoints).core
+    hidden = core.text_config.hidden_size
+    embeds = torch.randn(2, 14, hidden, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 14, dtype=torch.long)
+    mask[1, :3] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def forward(cache, start, end):
+        return core.text(inputs_embeds=embeds[:, start:end], attention_mask=mask[:, :end],
+                         position_ids=positions[:, start:end], cache=cache, use_cache=True).last_hidden_state
+
+    def linear_states(cache, row):
+        return {i: (layer.conv_states[0][row].clone(), layer.recurrent_states[0][row].clone())
+                for i, layer in enumerate(cache.layers) if hasattr(layer, "conv_states")}
+
+    with torch.inference_mode():
+        tapped_cache = DynamicCache(config=core.text_config)
+        with core.taps.at({5: [0, 1], 9: [1]}) as tapped:
+            whole = forward(tapped_cache, 0, 14)
+        split_cache, parts, expected = DynamicCache(config=core.text_config), [], {}
+        for start, end in ((0, 5), (5, 9), (9, 14)):
+            parts.append(forward(split_cache, start, end))
+            expected |= {(end, row): linear_states(split_cache, row) for row in (0, 1) if end < 14}
+    assert set(tapped) == {(5, 0), (5, 1), (9, 1)}
+    assert len(tapped[(5, 0)]) == sum(hasattr(layer, "conv_states") for layer in tapped_cache.layers) > 0
+    for key, layers in tapped.items():
+        for i, (conv, recurrent) in layers.items():
+            torch.testing.assert_close(conv, expected[key][i][0])
+            torch.testing.assert_close(recurrent, expected[key][i][1])
+    torch.testing.assert_close(whole, torch.cat(parts, dim=1))
+    for row in (0, 1):
+        for i, (conv, recurrent) in linear_states(tapped_cache, row).items():
+            torch.testing.assert_close(conv, linear_states(split_cache, row)[i][0])
+            torch.testing.assert_close(recurrent, linear_states(split_cache, row)[i][1])
+
+
+async def test_a_stored_snapshot_is_the_state_after_exactly_its_prefix(tiny_checkpoints):
+    """Two chats of different lengths prefilled together (left padding) store each its last user turn's end,
+    from inside its forward: each entry equals the state of a forward of that prefix alone."""
+    warm = engine(tiny_checkpoints, prefix_cache_min_tokens=1, batch_wait_ms=300)
+    requests = [chat(["short one"], 2), chat(["a longer opening " * 6], 3)]
+    await asyncio.gather(*(generate(warm, request) for request in requests))
+    assert warm.core.batch_sizes[0] == 2, "precondition: one prefill group"
+    for request in requests:
+        prepared = warm.prepare(request)
+        length, key = prepared.layout.store_at
+        stored = warm.core.prefix_cache._lru.get(key, count=False)
+        with torch.inference_mode():
+            reference = DynamicCache(config=warm.core.text_config)
+            warm.core.text(input_ids=prepared.inputs["input_ids"][:, :length], cache=reference, use_cache=True)
+        assert stored is not None and stored.length == length
+        for i, layer in enumerate(reference.layers):
+            if hasattr(layer, "conv_states"):
+                torch.testing.assert_close(stored.conv[i], layer.conv_states[0][0])
+                torch.testing.assert_close(stored.recurrent[i], layer.recurrent_states[0][0])
+            else:
+                torch.testing.assert_close(stored.keys[i], layer.keys[0])
+                torch.testing.assert_close(stored.values[i], layer.values[0])
 
 
 async def test_a_resent_image_in_a_new_chat_skips_the_vision_tower(tiny_checkpoints, cold, monkeypatch):

@@ -23,6 +23,8 @@ CONFIG = Qwen3_5TextConfig(hidden_size=HIDDEN, num_hidden_layers=1, num_attentio
 class FakeText:
     """Writes zero keys/values into whichever cache it gets and returns the embeddings as hidden states."""
 
+    layers: list = []  # no linear-attention layers for the engine's state taps
+
     def __init__(self) -> None:
         self.fail_decode = False
 
