@@ -71,10 +71,10 @@ class ModelSettings(BaseModel):
     )
     prefix_cache_min_tokens: int = Field(
         default=256, ge=1,
-        description="A prompt is stored in the prefix cache when its last user turn ends this many tokens or more "
-        "past the point it resumed from (the start, or an earlier snapshot), or when that part holds an image or "
-        "video. Storing costs memory and a second pass of the linear-attention layers' recurrence in that prefill; "
-        "below this, a later turn prefills the text in the same forward as its own.",
+        description="A chat's first prompt is stored in the prefix cache when its last user turn ends this many "
+        "tokens or more from the start, or when it holds an image or video; a prompt that resumed from a snapshot "
+        "(a chat that came back) is stored every turn. Storing costs memory and a second pass of the "
+        "linear-attention layers' recurrence in that prefill: a short one-shot text prompt is not worth it.",
     )
     vision_cache_bytes: int = Field(
         default=256 * MiB, ge=0,

@@ -172,10 +172,11 @@ class PrefixCache(_Bounded):
     """Snapshots of the text tower at turn ends, bounded in bytes.
 
     Storing costs memory and, inside the prefill forward, a second pass of each linear-attention
-    layer's recurrence (`deployments/prefill.py`). So a prompt is stored only when that buys enough:
-    its last turn ends `min_tokens` or more past where it resumed from, or the part since holds an
-    image or video (vision work a later turn must not redo). Later turns of a chat then resume from its
-    last snapshot and prefill the text since in one forward, until that text is long enough to store again.
+    layer's recurrence (`deployments/prefill.py`): wasted on a prompt that no later turn extends, as
+    most one-shot API requests. So a prompt is stored when its chat has come back (it resumed from a
+    snapshot: its next turn will likely come too, and would otherwise prefill this turn again), when
+    its last turn ends `min_tokens` or more past the start, or when it holds an image or video since
+    where it resumed (vision work a later turn must not redo).
     """
 
     def __init__(self, budget: int, observe: CacheObserver = ignore_cache_event, min_tokens: int = 1) -> None:
@@ -189,7 +190,7 @@ class PrefixCache(_Bounded):
         if point is None or point[0] <= past or point[1] in self._lru:
             return None
         new_media = any(past <= item.start < point[0] for item in prompt.media)
-        return point if new_media or point[0] - past >= self.min_tokens else None
+        return point if past > 0 or new_media or point[0] >= self.min_tokens else None
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._lru

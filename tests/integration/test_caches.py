@@ -84,13 +84,13 @@ class Forwards:
 @pytest.mark.parametrize("variant", ["instruct", "thinking"])
 async def test_later_turns_resume_from_the_prefix_and_answer_exactly_as_without_caches(tiny_checkpoints, cold,
                                                                                      variant, monkeypatch):
-    """With the default threshold, the first turn (it has the image) is stored, from inside its one forward; the
-    later, short turns resume from it and prefill the text since in one forward, storing nothing more."""
+    """With the default threshold, the first turn (it has the image) is stored, from inside its one forward; each
+    later turn, short as it is, resumes from the turn before it and is stored too (its chat came back)."""
     warm = engine(tiny_checkpoints, variant)
     forwards = Forwards(warm, monkeypatch)
     first = [picture(1), "what is in this picture?"]
     stored_at = None
-    for turns in (1, 2, 3, 5):
+    for stored, turns in enumerate((1, 2, 3, 5), start=1):
         request = chat(first, turns, thinking=variant == "thinking")
         forwards.prefilled.clear()
         hits_before = warm.core.prefix_cache.stats[0]
@@ -99,22 +99,21 @@ async def test_later_turns_resume_from_the_prefix_and_answer_exactly_as_without_
         prepared = warm.prepare(request)
         if stored_at is None:
             assert sum(forwards.prefilled) == prepared.prompt_tokens and forwards.vision_units > 0
-            assert len(forwards.prefilled) == 1 and len(warm.core.prefix_cache._lru) == 1
-            stored_at = prepared.layout.store_at[0]
         else:
             assert warm.core.prefix_cache.stats[0] == hits_before + 1
-            assert forwards.prefilled == [prepared.prompt_tokens - stored_at], "one forward, from turn 1's end"
+            assert forwards.prefilled == [prepared.prompt_tokens - stored_at], "one forward, from the last turn's end"
+        assert len(forwards.prefilled) == 1 and len(warm.core.prefix_cache._lru) == stored
+        stored_at = prepared.layout.store_at[0]
     assert forwards.vision_units == 3, "the image's units went through the vision tower once, in turn 1"
-    assert len(warm.core.prefix_cache._lru) == 1
 
 
-async def test_with_a_low_threshold_every_turn_is_stored_and_the_next_resumes_from_it(tiny_checkpoints, cold,
-                                                                                     monkeypatch):
+async def test_with_a_low_threshold_a_short_text_chat_is_stored_from_its_first_turn(tiny_checkpoints, cold,
+                                                                                    monkeypatch):
     warm = engine(tiny_checkpoints, prefix_cache_min_tokens=1)
     forwards = Forwards(warm, monkeypatch)
     previous = None
     for turns in (1, 2, 3, 4):
-        request = chat([picture(5), "what is this?"], turns)
+        request = chat(["what is this?"], turns)
         forwards.prefilled.clear()
         assert (await generate(warm, request))[1] == (await generate(cold["instruct"], request))[1]
         if previous is not None:
@@ -256,13 +255,14 @@ async def test_a_short_text_chat_is_not_stored_and_a_long_one_is(tiny_checkpoint
     forwards = Forwards(warm, monkeypatch)
     short = chat(["hi"], 1)
     await generate(warm, short)
-    assert len(forwards.prefilled) == 1 and len(warm.core.prefix_cache._lru) == 0, "no split, nothing stored"
+    assert len(forwards.prefilled) == 1 and len(warm.core.prefix_cache._lru) == 0, "nothing stored"
     long_opening = ["tell me about this: " + "words and more words " * 20]
     assert warm.prepare(chat(long_opening, 1)).layout.store_at[0] >= 64, "precondition: past the threshold"
     for turns in (1, 2):
         request = chat(long_opening, turns)
         assert (await generate(warm, request))[1] == (await generate(cold["instruct"], request))[1]
     assert warm.core.prefix_cache.stats[0] == 1, "the long chat's second turn resumed"
+    assert len(warm.core.prefix_cache._lru) == 2, "and, its chat having come back, was stored too"
 
 
 async def test_the_image_processor_runs_once_per_image_and_its_merged_output_is_the_processors(tiny_checkpoints):

@@ -91,14 +91,16 @@ def test_a_zero_budget_stores_nothing():
     assert not lru.put(b"a", "A", 1) and len(lru) == 0
 
 
-def test_a_prompt_is_stored_when_it_adds_media_or_enough_tokens_since_it_resumed():
+def test_a_prompt_is_stored_when_it_adds_media_or_enough_tokens_or_resumed_from_a_snapshot():
     from deployments.reuse import PrefixCache
 
     cache = PrefixCache(budget=1 << 20, min_tokens=8)
     with_media = layout(IDS, SPECIAL, [picture(1)], [clip(2)], "ns")
     assert cache.worth_storing(with_media) == with_media.store_at, "media since the start"
     assert cache.worth_storing(with_media, past=9) == with_media.store_at, "the video comes after position 9"
-    assert cache.worth_storing(with_media, past=17) is None, "nothing new past the store point's turn"
+    assert cache.worth_storing(with_media, past=18) is None, "it resumed at the store point: nothing to store"
     text = layout([1] * 6 + [9] + [2] * 6 + [9, 3], SPECIAL, [], [], "ns")
     assert cache.worth_storing(text) == text.store_at, "14 tokens >= 8"
-    assert cache.worth_storing(text, past=7) is None, "only 7 new tokens, no media"
+    assert cache.worth_storing(text, past=7) == text.store_at, "a chat that resumed is stored every turn"
+    short = layout([1] * 3 + [9, 3], SPECIAL, [], [], "ns")
+    assert short.store_at[0] == 4 and cache.worth_storing(short) is None, "4 tokens from the start, no media"
