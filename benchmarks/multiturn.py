@@ -6,7 +6,7 @@ Serves the instruct variant of a preset (`small` by default) through Ray Serve, 
 prefix and vision-feature caches on and once with both off. Each round is a new 5-turn chat whose
 first user message carries a photo-sized JPEG (1280x960) as a data URL (`--media video`: a 4 s
 640x480 MP4), resent every turn as a client does (the web page included); each answer (greedy,
-16 tokens) goes back into the history.
+16 tokens) goes back into the history, at once or after `--think-ms` (a reader's pause).
 Prints the median time to first token of every turn, turn k against turn 1, and the replica's
 cache bytes and hits.
 """
@@ -81,8 +81,10 @@ def turn(client: httpx.Client, messages: list[dict], tokens: int) -> tuple[float
     return first, "".join(answer)
 
 
-def chat_rounds(url: str, rounds: int, tokens: int, seed: int, media: str = "image") -> list[list[float]]:
-    """Time to first token of each turn, per round (a new chat and a new photo or clip each round)."""
+def chat_rounds(url: str, rounds: int, tokens: int, seed: int, media: str = "image", think_s: float = 0.0
+                ) -> list[list[float]]:
+    """Time to first token of each turn, per round (a new chat and a new photo or clip each round); the client
+    waits `think_s` after each answer before it sends the next turn, as a person reading it would."""
     results = []
     with httpx.Client(base_url=url, timeout=600) as client:
         for r in range(rounds):
@@ -100,6 +102,7 @@ def chat_rounds(url: str, rounds: int, tokens: int, seed: int, media: str = "ima
                 ttft, answer = turn(client, messages, tokens)
                 messages.append({"role": "assistant", "content": answer})
                 ttfts.append(ttft)
+                time.sleep(think_s)
             results.append(ttfts)
     return results
 
@@ -120,6 +123,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--media", choices=("image", "video"), default="image",
                         help="what the first message carries: a 1280x960 JPEG, or a 4 s 640x480 MP4 (32 frames)")
+    parser.add_argument("--think-ms", type=float, default=0.0,
+                        help="pause between an answer's end and the next turn (a reader's pause; 0: none)")
     parser.add_argument("--min-tokens", type=int, default=None,
                         help="model.prefix_cache_min_tokens for the caches-on run (default: the service's)")
     args = parser.parse_args()
@@ -133,7 +138,7 @@ def main() -> None:
             model |= {"prefix_cache_min_tokens": args.min_tokens}
         url = start_app({"instruct": {"model": model}, "thinking": None})
         turn(httpx.Client(base_url=url, timeout=600), [{"role": "user", "content": "warm up"}], 2)
-        rounds = chat_rounds(url, args.rounds, args.tokens, args.seed, args.media)
+        rounds = chat_rounds(url, args.rounds, args.tokens, args.seed, args.media, args.think_ms / 1000)
         medians = [statistics.median(r[k] for r in rounds) for k in range(TURNS)]
         report[label] = {"ttft_ms": [round(m * 1000, 1) for m in medians],
                          "range_ms": [(round(min(r[k] for r in rounds) * 1000, 1), round(max(r[k] for r in rounds) * 1000, 1))

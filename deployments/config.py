@@ -71,10 +71,17 @@ class ModelSettings(BaseModel):
     )
     prefix_cache_min_tokens: int = Field(
         default=256, ge=1,
-        description="A chat's first prompt is stored in the prefix cache when its last user turn ends this many "
-        "tokens or more from the start, or when it holds an image or video; a prompt that resumed from a snapshot "
-        "(a chat that came back) is stored every turn. Storing costs memory and a second pass of the "
-        "linear-attention layers' recurrence in that prefill: a short one-shot text prompt is not worth it.",
+        description="A prompt is stored in the prefix cache when its last user turn ends this many tokens or more "
+        "past where it resumed from (the start, or a snapshot), or when that part holds an image or video (with "
+        "prefix_cache_answers false, also every prompt that resumed). Storing costs memory and a second pass of "
+        "the linear-attention layers' recurrence in that prefill: a short one-shot text prompt is not worth it.",
+    )
+    prefix_cache_answers: bool = Field(
+        default=True,
+        description="After a turn of a chat the prefix cache holds, prefill its answer as the next turn will resend "
+        "it, while no request waits to be prefilled, and store the state at the end of the assistant turn: the "
+        "next turn then prefills only its own new text. false: every later turn is stored at the end of its user "
+        "turn instead, inside its own prefill (the next turn then prefills the answer).",
     )
     vision_cache_bytes: int = Field(
         default=256 * MiB, ge=0,

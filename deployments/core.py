@@ -33,7 +33,9 @@ import torch
 from deployments.compiled import DecodeStep
 from deployments.errors import GrammarError, NumericalError
 from deployments.grammar import Masker
-from deployments.prefill import Family, Prefill, StateTaps
+from transformers.cache_utils import DynamicCache
+
+from deployments.prefill import AnswerJob, Family, Prefill, StateTaps, restore, snapshot
 from deployments.reuse import PrefixCache, Snapshot, VisionCache
 from deployments.rows import Row, deliver, merge_inputs
 from deployments.sampling import BatchParams, sample
@@ -76,6 +78,8 @@ class EngineCore:
         self._shared_generator.seed()
         self._waiting: queue.Queue[Family] = queue.Queue()
         self._queued: deque[Family] = deque()  # admitted, not yet prefilled
+        self._answers: deque[AnswerJob] = deque(maxlen=max_rows)  # the oldest are dropped when full
+        self.answers_carried = 0
         self._prefill: Prefill | None = None
         self.batch_sizes: list[int] = []  # rows in the batch after each admission (last 100)
         self.decode_steps = 0
@@ -93,11 +97,16 @@ class EngineCore:
             raise ValueError(f"A request may have 1 to {self.max_rows} sequences, not {len(rows)}")
         self._waiting.put(rows)
 
+    def carry_answer(self, job: AnswerJob) -> None:
+        """Store a finished turn's answer in the prefix cache as its chat's next turn will resend it, when no
+        request waits to be prefilled: the next turn then prefills only its own new text."""
+        self._waiting.put(job)
+
     @property
     def running(self) -> int:
         """Rows being generated, prefilled or waiting (cancelled rows drop out within one step)."""
         with self._waiting.mutex:
-            waiting = sum(len(family) for family in self._waiting.queue)
+            waiting = sum(len(family) for family in self._waiting.queue if isinstance(family, list))
         return sum(not r.finished for r in self._in_flight()) + waiting
 
     def _in_flight(self) -> list[Row]:
@@ -125,6 +134,8 @@ class EngineCore:
                 with torch.inference_mode():
                     if self._prefill or self._queued:
                         self._prefill_step()
+                    elif self._answers:
+                        self._carry(self._answers.popleft())
                     if self._rows:
                         self._decode_step()
             except Exception as exc:  # a bug outside the guarded steps: fail what is in flight, keep serving
@@ -135,9 +146,10 @@ class EngineCore:
                 self._on_rows(0)
 
     def _admit(self) -> None:
-        """Move waiting requests to the prefill queue: when idle, block for one and wait `batch_wait_s`
-        for more; while busy (continuous mode), whatever waits. Cancelled requests leave here."""
-        busy = bool(self._rows or self._queued or self._prefill)
+        """Move waiting requests to the prefill queue (and answers to carry to theirs): when idle, block for
+        one and wait `batch_wait_s` for more; while busy (continuous mode), whatever waits. Cancelled
+        requests leave here."""
+        busy = bool(self._rows or self._queued or self._prefill or self._answers)
         if busy and not self.continuous:
             return
         taken = [] if busy else [self._waiting.get()]
@@ -147,7 +159,8 @@ class EngineCore:
                 taken.append(self._waiting.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
-        self._queued.extend(taken)
+        self._queued.extend(family for family in taken if isinstance(family, list))
+        self._answers.extend(job for job in taken if isinstance(job, AnswerJob))
         for family in [f for f in self._queued if all(r.cancelled for r in f)]:
             self._queued.remove(family)
             for row in family:
@@ -302,6 +315,27 @@ class EngineCore:
                 snapshot = prefill.snapshot(index, length, column, linear.get((column - start, index)))
                 self.prefix_cache.store(key, snapshot)
         return self.lm_head(hidden[:, -1]) if prefill.done else None
+
+    def _carry(self, job: AnswerJob) -> None:
+        """Prefill a turn's answer from its chat's longest stored prefix, in one forward, and store the state
+        at the end of the assistant turn. Skipped when nothing is stored to resume from, when the answer is
+        stored already or longer than one prefill forward, or when media follow the stored prefix."""
+        end, key = job.point
+        past = self.prefix_cache.longest(job.layout, before=end, count=False)
+        if past is None or key in self.prefix_cache or end - past.length > self._prefill_tokens \
+                or any(item.start >= past.length for item in job.layout.media):
+            return
+        self._mark_progress()
+        try:
+            cache = DynamicCache(config=self.text_config)
+            restore(cache, past)
+            ids = job.ids[:, past.length : end].to(self.device)
+            self.text(inputs_embeds=self.model.model.get_input_embeddings()(ids), cache=cache, use_cache=True,
+                      position_ids=torch.arange(past.length, end, device=self.device)[None])
+            self.prefix_cache.store(key, snapshot(cache, 0, end, end))
+            self.answers_carried += 1
+        except Exception as exc:  # only an optimisation: the next turn prefills the answer itself
+            logger.warning("Carrying an answer into the prefix cache failed", exc_info=exc)
 
     def _prefill_failed(self, group: list[Family], exc: Exception) -> None:
         """A group that failed is retried one prompt at a time, so only the culprit fails."""

@@ -26,6 +26,7 @@ from deployments.config import ModelConfig
 from deployments.core import EngineCore
 from deployments.errors import BadRequestError, ContextLengthError
 from deployments.grammar import Grammars
+from deployments.prefill import AnswerJob
 from deployments import reuse
 from deployments.rows import Row
 from deployments.sampling import RowSampling
@@ -78,7 +79,8 @@ class Engine:
         self.core = EngineCore(
             self.model, config.max_batch_size, self.max_model_len, pad, config.batch_wait_ms / 1000,
             config.continuous_batching, config.prefill_chunk_tokens, on_batch_rows,
-            reuse.PrefixCache(config.prefix_cache_bytes, on_cache, config.prefix_cache_min_tokens),
+            reuse.PrefixCache(config.prefix_cache_bytes, on_cache, config.prefix_cache_min_tokens,
+                              every_turn=not config.prefix_cache_answers),
             reuse.VisionCache(config.vision_cache_bytes, on_cache), config.compile_decode,
         )
 
@@ -98,10 +100,14 @@ class Engine:
         rows = [self._row(prepared, request, index) for index in range(prepared.sampling.n)]
         self.core.submit(rows)
         decoders = [self._decode(prepared, request.enable_thinking, row, index) for index, row in enumerate(rows)]
+        answer = []
         try:
             async for chunk in decoders[0] if len(decoders) == 1 else merge_streams(decoders):
+                answer.append(chunk.content)
                 if chunk.usage:
                     self._log_end(request.request_id, chunk, rows[chunk.index])
+                    if len(rows) == 1:
+                        self._carry_answer(request, prepared, "".join(answer))
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):
             logger.info("Request %s cancelled: generation stopped", request.request_id)
@@ -123,6 +129,27 @@ class Engine:
             logprobs=prepared.sampling.logprobs, downsample_mode=request.downsample_mode,
             matcher=prepared.matchers[index], matcher_after=prepared.matcher_after, layout=prepared.layout,
         )
+
+    def _carry_answer(self, request: GenerationRequest, prepared: _Prepared, answer: str) -> None:
+        """Have the core store this turn's answer for the chat's next turn (in a worker thread: it renders the
+        conversation again), when the prefix cache follows this chat and the answer will be resent as text."""
+        if self.config.prefix_cache_answers and not request.tools and prepared.layout is not None \
+                and self.core.prefix_cache.holds_chat(prepared.layout):
+            asyncio.get_running_loop().run_in_executor(None, self._answer_job, request, answer)
+
+    def _answer_job(self, request: GenerationRequest, answer: str) -> None:
+        """Render the conversation as its next turn will resend it (the answer, then a blank user turn, whose
+        content does not change the tokens before it) and queue the assistant turn's end for the core."""
+        try:
+            follow = dataclasses.replace(request, messages=[
+                *request.messages, ChatMessage("assistant", [answer]), ChatMessage("user", [""])])
+            inputs = self._render(follow)
+            layout = self._layout(follow, inputs)
+            if layout is not None and len(layout.boundaries) >= 2:
+                self.core.carry_answer(AnswerJob(inputs["input_ids"], layout, layout.boundaries[-2]))
+        except Exception as exc:  # only an optimisation: the next turn prefills the answer itself
+            logger.warning("Rendering request %s's answer for the prefix cache failed", request.request_id,
+                           exc_info=exc)
 
     @staticmethod
     def _log_end(request_id: str, chunk: Chunk, row: Row) -> None:

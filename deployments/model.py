@@ -54,15 +54,15 @@ class ModelDeployment:
     def process_info(self) -> dict:
         """This replica's process id, resident memory, running sequences, the rows in its batch after each of
         the last 100 admissions, for the last 100 rows cancelled while generating the decode steps each
-        took to leave the batch, its caches' bytes, hits and misses, and how its decode steps run (compiled or
-        eager); for operators, tests and benchmarks."""
+        took to leave the batch, its caches' bytes, hits and misses (and answers carried into the prefix cache),
+        and how its decode steps run (compiled or eager); for operators, tests and benchmarks."""
         core = self.engine.core
         step = core.step
         info = {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, "running": self.engine.running,
                 "batch_sizes": list(core.batch_sizes), "cancel_lags": list(core.cancel_lags),
                 "cancelled_rows": core.cancelled_rows,
                 "prefix_cache": {"bytes": core.prefix_cache.bytes, "hits": core.prefix_cache.stats[0],
-                                 "misses": core.prefix_cache.stats[1]},
+                                 "misses": core.prefix_cache.stats[1], "answers_carried": core.answers_carried},
                 "vision_cache": {"bytes": core.vision_cache.bytes, "hits": core.vision_cache.stats[0],
                                  "misses": core.vision_cache.stats[1]},
                 "decode": {"compile": self.engine.config.compile_decode, "compiled": step.compiled,

@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache
 
-from deployments.reuse import Snapshot
+from deployments.reuse import Layout, Snapshot
 from deployments.rows import Row
 
 # The rows of one request: its n sequences share one prompt, prefilled once (the first row holds the inputs).
@@ -26,6 +27,16 @@ Family = list[Row]
 
 # The linear-attention states of one row at one column: layer -> (conv state, recurrent state).
 LinearStates = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class AnswerJob:
+    """A finished chat turn as its next turn will resend it: the prompt ids through the answer (and a blank
+    user turn after it), their layout, and the (position, key) of the assistant turn's end, to be stored."""
+
+    ids: torch.Tensor  # (1, length)
+    layout: Layout
+    point: tuple[int, bytes]
 
 
 class StateTaps:
@@ -111,21 +122,25 @@ class Prefill:
         return {column: self.stores[column] for column in sorted(self.stores) if start < column <= end}
 
     def snapshot(self, family: int, length: int, column: int, linear: LinearStates | None) -> Snapshot:
-        """Family `family`'s state after suffix column `column` (its first `length` prompt positions):
-        keys and values sliced from the cache, linear-attention states from `linear` (what `StateTaps`
-        copied inside the last forward), or from the cache when that forward ended at `column`."""
-        width = self.past + column
-        keys, values, conv, recurrent = {}, {}, {}, {}
-        for layer, cache_layer in enumerate(self.cache.layers):
-            if not hasattr(cache_layer, "conv_states"):
-                keys[layer] = cache_layer.keys[family, :, width - length : width].clone()
-                values[layer] = cache_layer.values[family, :, width - length : width].clone()
-            elif linear is not None:
-                conv[layer], recurrent[layer] = linear[layer]
-            else:
-                conv[layer] = cache_layer.conv_states[0][family].clone()
-                recurrent[layer] = cache_layer.recurrent_states[0][family].clone()
-        return Snapshot(length, keys, values, conv, recurrent)
+        """Family `family`'s state after suffix column `column` (its first `length` prompt positions)."""
+        return snapshot(self.cache, family, self.past + column, length, linear)
+
+
+def snapshot(cache: DynamicCache, row: int, width: int, length: int, linear: LinearStates | None = None) -> Snapshot:
+    """Row `row`'s state after cache column `width` (its first `length` prompt positions): keys and values
+    sliced from the cache, linear-attention states from `linear` (what `StateTaps` copied inside the last
+    forward), or from the cache when that forward ended at `width`."""
+    keys, values, conv, recurrent = {}, {}, {}, {}
+    for layer, cache_layer in enumerate(cache.layers):
+        if not hasattr(cache_layer, "conv_states"):
+            keys[layer] = cache_layer.keys[row, :, width - length : width].clone()
+            values[layer] = cache_layer.values[row, :, width - length : width].clone()
+        elif linear is not None:
+            conv[layer], recurrent[layer] = linear[layer]
+        else:
+            conv[layer] = cache_layer.conv_states[0][row].clone()
+            recurrent[layer] = cache_layer.recurrent_states[0][row].clone()
+    return Snapshot(length, keys, values, conv, recurrent)
 
 
 def restore(cache: DynamicCache, snapshot: Snapshot) -> None:

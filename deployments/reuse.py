@@ -173,16 +173,18 @@ class PrefixCache(_Bounded):
 
     Storing costs memory and, inside the prefill forward, a second pass of each linear-attention
     layer's recurrence (`deployments/prefill.py`): wasted on a prompt that no later turn extends, as
-    most one-shot API requests. So a prompt is stored when its chat has come back (it resumed from a
-    snapshot: its next turn will likely come too, and would otherwise prefill this turn again), when
-    its last turn ends `min_tokens` or more past the start, or when it holds an image or video since
-    where it resumed (vision work a later turn must not redo).
+    most one-shot API requests. So a prompt is stored when its last turn ends `min_tokens` or more past
+    where it resumed from, when that part holds an image or video (vision work a later turn must not
+    redo), and, with `every_turn`, whenever it resumed from a snapshot (its chat came back, so its next
+    turn will likely come too). Without `every_turn`, the engine stores a chat's later turns itself, by
+    prefilling each answer while it has nothing else to prefill (`EngineCore.carry_answer`).
     """
 
-    def __init__(self, budget: int, observe: CacheObserver = ignore_cache_event, min_tokens: int = 1) -> None:
+    def __init__(self, budget: int, observe: CacheObserver = ignore_cache_event, min_tokens: int = 1,
+                 every_turn: bool = True) -> None:
         self._lru = ByteLRU("prefix", budget, observe)
         self._observe = observe
-        self.min_tokens = min_tokens
+        self.min_tokens, self.every_turn = min_tokens, every_turn
 
     def worth_storing(self, prompt: Layout, past: int = 0) -> tuple[int, bytes] | None:
         """Where to snapshot `prompt` (resumed from position `past`) for its chat's next turn, or None."""
@@ -190,24 +192,32 @@ class PrefixCache(_Bounded):
         if point is None or point[0] <= past or point[1] in self._lru:
             return None
         new_media = any(past <= item.start < point[0] for item in prompt.media)
-        return point if past > 0 or new_media or point[0] >= self.min_tokens else None
+        resumed = self.every_turn and past > 0
+        return point if resumed or new_media or point[0] - past >= self.min_tokens else None
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._lru
 
-    def longest(self, prompt: Layout) -> Snapshot | None:
-        """The snapshot of the longest stored prefix of `prompt` (at least one position must remain to
-        prefill, for the logits of the first token); counted as one hit or miss."""
+    def longest(self, prompt: Layout, before: int | None = None, count: bool = True) -> Snapshot | None:
+        """The snapshot of the longest stored prefix of `prompt` that ends before position `before` (by
+        default its length: one position must remain to prefill, for the logits of the first token);
+        counted as one hit or miss unless `count` is off."""
         for position, key in reversed(prompt.boundaries):
-            if position >= prompt.length:
+            if position >= (prompt.length if before is None else before):
                 continue
             snapshot = self._lru.get(key, count=False)
             if snapshot is not None:
-                self._lru.count(True)
-                self._observe("prefix", "hit_tokens", snapshot.length)
+                if count:
+                    self._lru.count(True)
+                    self._observe("prefix", "hit_tokens", snapshot.length)
                 return snapshot
-        self._lru.count(False)
+        if count:
+            self._lru.count(False)
         return None
+
+    def holds_chat(self, prompt: Layout) -> bool:
+        """Whether a prefix of `prompt` is stored: its chat is one this cache follows."""
+        return any(key in self._lru for _, key in prompt.boundaries)
 
     def store(self, key: bytes, snapshot: Snapshot) -> None:
         self._lru.put(key, snapshot, snapshot.nbytes)

@@ -4,6 +4,7 @@ output is exactly what an engine without them generates."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from deployments.config import ModelConfig
 from deployments.digest import stamp_video
 from deployments.engine import Engine
 from deployments.types import ChatMessage, GenerationRequest, SamplingParams, Video
+from tests.waiting import wait_until_async
 
 
 pytestmark = pytest.mark.usefixtures("restore_torch_threads")
@@ -84,9 +86,9 @@ class Forwards:
 @pytest.mark.parametrize("variant", ["instruct", "thinking"])
 async def test_later_turns_resume_from_the_prefix_and_answer_exactly_as_without_caches(tiny_checkpoints, cold,
                                                                                      variant, monkeypatch):
-    """With the default threshold, the first turn (it has the image) is stored, from inside its one forward; each
+    """Without carried answers, the first turn (it has the image) is stored, from inside its one forward; each
     later turn, short as it is, resumes from the turn before it and is stored too (its chat came back)."""
-    warm = engine(tiny_checkpoints, variant)
+    warm = engine(tiny_checkpoints, variant, prefix_cache_answers=False)
     forwards = Forwards(warm, monkeypatch)
     first = [picture(1), "what is in this picture?"]
     stored_at = None
@@ -107,9 +109,78 @@ async def test_later_turns_resume_from_the_prefix_and_answer_exactly_as_without_
     assert forwards.vision_units == 3, "the image's units went through the vision tower once, in turn 1"
 
 
+def assert_is_state_after(engine: Engine, ids: torch.Tensor, stored: reuse.Snapshot) -> None:
+    """`stored` equals the text tower's state after a forward of exactly `ids` (text only) from nothing."""
+    with torch.inference_mode():
+        reference = DynamicCache(config=engine.core.text_config)
+        engine.core.text(input_ids=ids, cache=reference, use_cache=True)
+    assert stored is not None and stored.length == ids.shape[1]
+    for i, layer in enumerate(reference.layers):
+        if hasattr(layer, "conv_states"):
+            torch.testing.assert_close(stored.conv[i], layer.conv_states[0][0])
+            torch.testing.assert_close(stored.recurrent[i], layer.recurrent_states[0][0])
+        else:
+            torch.testing.assert_close(stored.keys[i], layer.keys[0])
+            torch.testing.assert_close(stored.values[i], layer.values[0])
+
+
+@pytest.mark.parametrize("variant", ["instruct", "thinking"])
+async def test_a_carried_answer_leaves_the_next_turn_only_its_own_text_to_prefill(tiny_checkpoints, cold, variant,
+                                                                                   monkeypatch):
+    """After each turn, the engine prefills the answer as the next turn resends it, from the chat's last
+    snapshot, and stores the end of the assistant turn; the next turn resumes there, prefills only its own
+    text, and answers as without caches."""
+    warm = engine(tiny_checkpoints, variant)
+    forwards = Forwards(warm, monkeypatch)
+    messages = [ChatMessage("user", [picture(8), "what is in this picture?"])]
+    stored_at = None
+    for turn in range(3):
+        request = GenerationRequest(list(messages), variant == "thinking", SamplingParams(max_tokens=12, temperature=0.0))
+        forwards.prefilled.clear()
+        answer = "".join([chunk.content async for chunk in warm.stream(request)])
+        assert answer == "".join([chunk.content async for chunk in cold[variant].stream(request)])
+        prompt = warm.prepare(request)
+        if stored_at is None:
+            stored_at = prompt.layout.store_at[0]  # the image's turn: stored at its end
+        else:
+            assert forwards.prefilled[0] == prompt.prompt_tokens - stored_at, "only this turn's own text"
+        await wait_until_async(lambda: warm.core.answers_carried == turn + 1, what="the answer carried")
+        messages += [ChatMessage("assistant", [answer]), ChatMessage("user", [f"and then {turn}?"])]
+        follow = warm.prepare(GenerationRequest(list(messages), variant == "thinking")).layout
+        assert forwards.prefilled[-1] == follow.boundaries[-2][0] - stored_at, "the carry prefilled what came since"
+        stored_at = follow.boundaries[-2][0]
+        assert follow.boundaries[-2][1] in warm.core.prefix_cache
+    assert forwards.vision_units == 3, "the image went through the vision tower once"
+
+
+async def test_a_carried_answer_is_the_state_after_exactly_the_chat_so_far(tiny_checkpoints):
+    warm = engine(tiny_checkpoints, prefix_cache_min_tokens=1)
+    request = chat(["tell me something"], 2)
+    answer = "".join([chunk.content async for chunk in warm.stream(request)])
+    await wait_until_async(lambda: warm.core.answers_carried == 1, what="the answer carried")
+    follow = GenerationRequest([*request.messages, ChatMessage("assistant", [answer]), ChatMessage("user", ["next"])],
+                               False)
+    prepared = warm.prepare(follow)
+    end, key = prepared.layout.boundaries[-2]
+    assert_is_state_after(warm, prepared.inputs["input_ids"][:, :end], warm.core.prefix_cache._lru.get(key, count=False))
+
+
+async def test_no_answer_is_carried_for_a_one_shot_prompt_several_sequences_tools_or_when_off(tiny_checkpoints):
+    warm, off = engine(tiny_checkpoints), engine(tiny_checkpoints, prefix_cache_answers=False)
+    image_chat = chat([picture(9), "what is this?"], 1)
+    tool = {"type": "function", "function": {"name": "look", "parameters": {"type": "object", "properties": {}}}}
+    for request in (chat(["hi"], 1), dataclasses.replace(image_chat, sampling=SamplingParams(max_tokens=4, n=2)),
+                    dataclasses.replace(image_chat, tools=[tool])):
+        await generate(warm, request)
+    await generate(off, image_chat)
+    await generate(warm, image_chat)  # one that is carried, after all the others
+    await wait_until_async(lambda: warm.core.answers_carried == 1, what="the last answer carried")
+    assert off.core.answers_carried == 0 and len(off.core.prefix_cache._lru) == 1
+
+
 async def test_with_a_low_threshold_a_short_text_chat_is_stored_from_its_first_turn(tiny_checkpoints, cold,
                                                                                     monkeypatch):
-    warm = engine(tiny_checkpoints, prefix_cache_min_tokens=1)
+    warm = engine(tiny_checkpoints, prefix_cache_min_tokens=1, prefix_cache_answers=False)
     forwards = Forwards(warm, monkeypatch)
     previous = None
     for turns in (1, 2, 3, 4):
@@ -251,7 +322,7 @@ async def test_downsample_modes_do_not_share_features_or_prefixes(tiny_checkpoin
 
 
 async def test_a_short_text_chat_is_not_stored_and_a_long_one_is(tiny_checkpoints, cold, monkeypatch):
-    warm = engine(tiny_checkpoints, prefix_cache_min_tokens=64)
+    warm = engine(tiny_checkpoints, prefix_cache_min_tokens=64, prefix_cache_answers=False)
     forwards = Forwards(warm, monkeypatch)
     short = chat(["hi"], 1)
     await generate(warm, short)
