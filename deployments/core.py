@@ -30,11 +30,11 @@ from collections import deque
 from collections.abc import Callable
 
 import torch
+from transformers.cache_utils import DynamicCache
+
 from deployments.compiled import DecodeStep
 from deployments.errors import GrammarError, NumericalError
 from deployments.grammar import Masker
-from transformers.cache_utils import DynamicCache
-
 from deployments.prefill import AnswerJob, Family, Prefill, StateTaps, restore, snapshot
 from deployments.reuse import PrefixCache, Snapshot, VisionCache
 from deployments.rows import Row, deliver, merge_inputs
@@ -76,7 +76,7 @@ class EngineCore:
         self._eos: torch.Tensor | None = None  # the running rows' end-of-sequence (and stop) ids
         self._shared_generator = torch.Generator(device=self.device)
         self._shared_generator.seed()
-        self._waiting: queue.Queue[Family] = queue.Queue()
+        self._waiting: queue.Queue[Family | AnswerJob] = queue.Queue()
         self._queued: deque[Family] = deque()  # admitted, not yet prefilled
         self._answers: deque[AnswerJob] = deque(maxlen=max_rows)  # the oldest are dropped when full
         self.answers_carried = 0
@@ -98,8 +98,9 @@ class EngineCore:
         self._waiting.put(rows)
 
     def carry_answer(self, job: AnswerJob) -> None:
-        """Store a finished turn's answer in the prefix cache as its chat's next turn will resend it, when no
-        request waits to be prefilled: the next turn then prefills only its own new text."""
+        """Store a finished turn's answer in the prefix cache as its chat's next turn will resend it, once the
+        replica has nothing else to run: the next turn then prefills only its own new text. A newcomer that
+        arrives meanwhile waits for that one forward, as it would for another's prefill chunk."""
         self._waiting.put(job)
 
     @property
@@ -134,7 +135,7 @@ class EngineCore:
                 with torch.inference_mode():
                     if self._prefill or self._queued:
                         self._prefill_step()
-                    elif self._answers:
+                    elif self._answers and not self._rows:  # idle time only: running rows never wait for it
                         self._carry(self._answers.popleft())
                     if self._rows:
                         self._decode_step()
@@ -215,7 +216,7 @@ class EngineCore:
                 row.inputs = None  # the images live on in the embeddings, then only in the cache
             family[0].resume = None  # the snapshot lives on in the prefill's cache only (it may be evicted)
         return Prefill(group, embeds, inputs["attention_mask"], self._prefill_tokens, self.text_config, past,
-                        self._stores(leads, inputs["input_ids"].shape[1], length))
+                       self._stores(leads, inputs["input_ids"].shape[1], length))
 
     def _resume_point(self, family: Family) -> Snapshot | None:
         """The prefix-cache snapshot a request resumes from (looked up once per request), or None."""
@@ -312,8 +313,8 @@ class EngineCore:
         for column, due in stores.items():
             for index, key in due:
                 length = prefill.families[index][0].layout.store_at[0]
-                snapshot = prefill.snapshot(index, length, column, linear.get((column - start, index)))
-                self.prefix_cache.store(key, snapshot)
+                taps = linear.get((column - start, index))
+                self.prefix_cache.store(key, prefill.snapshot(index, length, column, taps))
         return self.lm_head(hidden[:, -1]) if prefill.done else None
 
     def _carry(self, job: AnswerJob) -> None:

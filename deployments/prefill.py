@@ -6,7 +6,8 @@ one by `StateTaps`: each linear-attention module of the model runs its own forwa
 between the columns asked for, on the same cache (what separate forwards ending there would do to
 that layer), and its states are copied at each column. Everything else (projections, MLPs, full
 attention) runs once over the whole chunk, and the full-attention keys and values of any prefix are
-slices of the cache afterwards. Storing a turn's end thus costs a copy, not a second forward.
+slices of the cache afterwards. Storing a turn's end thus costs a second pass of the linear-attention
+layers' own work (over the chunk's two parts) and a copy, not a second forward of the whole tower.
 """
 
 from __future__ import annotations

@@ -165,6 +165,22 @@ async def test_a_carried_answer_is_the_state_after_exactly_the_chat_so_far(tiny_
     assert_is_state_after(warm, prepared.inputs["input_ids"][:, :end], warm.core.prefix_cache._lru.get(key, count=False))
 
 
+async def test_an_answer_is_carried_only_once_no_row_is_generating(tiny_checkpoints, monkeypatch):
+    warm = engine(tiny_checkpoints)
+    rows_at_carry = []
+    carry = warm.core._carry
+    monkeypatch.setattr(warm.core, "_carry", lambda job: (rows_at_carry.append(len(warm.core._rows)), carry(job)))
+    long = chat(["write a long story"], 1, max_tokens=60, min_tokens=60)
+    image_chat = chat([picture(10), "what is this?"], 1, max_tokens=2)
+    long_stream = asyncio.ensure_future(generate(warm, long))
+    await wait_until_async(lambda: warm.core.rows_in_batch == 1, what="the long generation running")
+    await generate(warm, image_chat)
+    assert not long_stream.done(), "precondition: the chat's turn ended while the long generation runs"
+    await long_stream
+    await wait_until_async(lambda: warm.core.answers_carried == 1, what="the answer carried")
+    assert rows_at_carry == [0]
+
+
 async def test_no_answer_is_carried_for_a_one_shot_prompt_several_sequences_tools_or_when_off(tiny_checkpoints):
     warm, off = engine(tiny_checkpoints), engine(tiny_checkpoints, prefix_cache_answers=False)
     image_chat = chat([picture(9), "what is this?"], 1)
