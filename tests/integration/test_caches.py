@@ -260,18 +260,8 @@ async def test_a_stored_snapshot_is_the_state_after_exactly_its_prefix(tiny_chec
     for request in requests:
         prepared = warm.prepare(request)
         length, key = prepared.layout.store_at
-        stored = warm.core.prefix_cache._lru.get(key, count=False)
-        with torch.inference_mode():
-            reference = DynamicCache(config=warm.core.text_config)
-            warm.core.text(input_ids=prepared.inputs["input_ids"][:, :length], cache=reference, use_cache=True)
-        assert stored is not None and stored.length == length
-        for i, layer in enumerate(reference.layers):
-            if hasattr(layer, "conv_states"):
-                torch.testing.assert_close(stored.conv[i], layer.conv_states[0][0])
-                torch.testing.assert_close(stored.recurrent[i], layer.recurrent_states[0][0])
-            else:
-                torch.testing.assert_close(stored.keys[i], layer.keys[0])
-                torch.testing.assert_close(stored.values[i], layer.values[0])
+        assert_is_state_after(warm, prepared.inputs["input_ids"][:, :length],
+                              warm.core.prefix_cache._lru.get(key, count=False))
 
 
 async def test_a_resent_image_in_a_new_chat_skips_the_vision_tower(tiny_checkpoints, cold, monkeypatch):
