@@ -177,7 +177,7 @@ class PrefixCache(_Bounded):
     where it resumed from, when that part holds an image or video (vision work a later turn must not
     redo), and, with `every_turn`, whenever it resumed from a snapshot (its chat came back, so its next
     turn will likely come too). Without `every_turn`, the engine stores a chat's later turns itself, by
-    prefilling each answer while it has nothing else to prefill (`EngineCore.carry_answer`).
+    prefilling each answer once it has nothing else to run (`EngineCore.carry_answer`).
     """
 
     def __init__(self, budget: int, observe: CacheObserver = ignore_cache_event, min_tokens: int = 1,

@@ -104,3 +104,33 @@ def test_a_prompt_is_stored_when_it_adds_media_or_enough_tokens_or_resumed_from_
     assert cache.worth_storing(text, past=7) == text.store_at, "a chat that resumed is stored every turn"
     short = layout([1] * 3 + [9, 3], SPECIAL, [], [], "ns")
     assert short.store_at[0] == 4 and cache.worth_storing(short) is None, "4 tokens from the start, no media"
+
+
+def test_without_every_turn_a_resumed_prompt_needs_enough_new_tokens():
+    from deployments.reuse import PrefixCache
+
+    text = layout([1] * 6 + [9] + [2] * 6 + [9, 3], SPECIAL, [], [], "ns")
+    cache = PrefixCache(budget=1 << 20, min_tokens=8, every_turn=False)
+    assert cache.worth_storing(text, past=7) is None, "only 7 new tokens, no media"
+    assert cache.worth_storing(text, past=0) == text.store_at
+
+
+def test_the_longest_stored_prefix_before_a_position_and_whether_a_chat_is_held():
+    import torch
+
+    from deployments.reuse import PrefixCache, Snapshot
+
+    chat = layout([1] * 3 + [9] + [2] * 3 + [9] + [4] * 3 + [9, 3], SPECIAL, [], [], "ns")
+    (first, first_key), (second, second_key), (third, third_key) = chat.boundaries
+    cache = PrefixCache(budget=1 << 20)
+    assert not cache.holds_chat(chat)
+
+    def entry(length: int) -> Snapshot:
+        return Snapshot(length, {0: torch.zeros(1, length, 2)}, {0: torch.zeros(1, length, 2)}, {}, {})
+
+    cache.store(first_key, entry(first))
+    cache.store(third_key, entry(third))
+    assert cache.holds_chat(chat)
+    assert cache.longest(chat).length == third and cache.stats == (1, 0)
+    assert cache.longest(chat, before=third, count=False).length == first and cache.stats == (1, 0)
+    assert cache.longest(chat, before=first, count=False) is None and cache.stats == (1, 0)
