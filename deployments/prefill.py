@@ -144,16 +144,16 @@ def snapshot(cache: DynamicCache, row: int, width: int, length: int, linear: Lin
     return Snapshot(length, keys, values, conv, recurrent)
 
 
-def restore(cache: DynamicCache, snapshot: Snapshot) -> None:
+def restore(cache: DynamicCache, entry: Snapshot) -> None:
     """Fill an empty one-row DynamicCache with a snapshot, as if its prefix had just been prefilled."""
     for layer, cache_layer in enumerate(cache.layers):
-        if layer in snapshot.conv:
-            conv, recurrent = snapshot.conv[layer][None], snapshot.recurrent[layer][None]
+        if layer in entry.conv:
+            conv, recurrent = entry.conv[layer][None], entry.recurrent[layer][None]
             cache_layer.lazy_initialization(conv_states=conv, recurrent_states=recurrent)
             cache_layer.conv_states[0].copy_(conv)
             cache_layer.recurrent_states[0].copy_(recurrent)
             cache_layer.has_previous_state[0] = True
         else:
-            keys, values = snapshot.keys[layer][None], snapshot.values[layer][None]
+            keys, values = entry.keys[layer][None], entry.values[layer][None]
             cache_layer.lazy_initialization(keys, values)
             cache_layer.keys, cache_layer.values = keys, values  # update() concatenates: the snapshot stays intact
