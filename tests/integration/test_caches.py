@@ -189,8 +189,12 @@ async def test_no_answer_is_carried_for_a_one_shot_prompt_several_sequences_tool
                     dataclasses.replace(image_chat, tools=[tool])):
         await generate(warm, request)
     await generate(off, image_chat)
-    await generate(warm, image_chat)  # one that is carried, after all the others
-    await wait_until_async(lambda: warm.core.answers_carried == 1, what="the last answer carried")
+    _, answer = await generate(warm, image_chat)  # one that is carried, after all the others
+    follow = GenerationRequest([*image_chat.messages, ChatMessage("assistant", [answer]), ChatMessage("user", [""])],
+                               False)
+    carried_key = warm.prepare(follow).layout.boundaries[-2][1]
+    await wait_until_async(lambda: carried_key in warm.core.prefix_cache, what="the last answer carried")
+    assert warm.core.answers_carried == 1, "only the last request's answer was carried"
     assert off.core.answers_carried == 0 and len(off.core.prefix_cache._lru) == 1
 
 
