@@ -94,6 +94,13 @@ class ModelSettings(BaseModel):
         "normalised pixels), keyed by its pixels and the options, so that an image or a video a chat resends "
         "every turn is processed once. 0: off.",
     )
+    media_store_bytes: int = Field(
+        default=256 * MiB, ge=0,
+        description="Memory (host) for the images and videos this replica received, by the digest of their pixels: "
+        "a router then sends a chat's later turns the digest of an image or video it handed over before instead "
+        "of its pixels (a copy of 3.7 MB for a 1280x960 photo), and resends the pixels when this replica lacks "
+        "them. 0: off (every request carries its pixels).",
+    )
     prefill_chunk_tokens: int = Field(
         default=512, ge=16,
         description="Most prompt tokens one prefill forward computes. Short prompts that arrive together are "
@@ -111,7 +118,8 @@ class ModelSettings(BaseModel):
     )
     batch_wait_ms: float = Field(
         default=5.0, ge=0, le=1000,
-        description="How long an idle replica waits for more requests to fill a batch before starting.",
+        description="How long an idle replica waits for more requests to fill a batch before starting (not for a "
+        "request that resumes from the prefix cache: that one is prefilled alone).",
     )
 
 

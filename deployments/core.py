@@ -148,13 +148,15 @@ class EngineCore:
 
     def _admit(self) -> None:
         """Move waiting requests to the prefill queue (and answers to carry to theirs): when idle, block for
-        one and wait `batch_wait_s` for more; while busy (continuous mode), whatever waits. Cancelled
-        requests leave here."""
+        one and wait `batch_wait_s` for more (unless it resumes from the prefix cache); while busy (continuous
+        mode), whatever waits. Cancelled requests leave here."""
         busy = bool(self._rows or self._queued or self._prefill or self._answers)
         if busy and not self.continuous:
             return
         taken = [] if busy else [self._waiting.get()]
-        deadline = time.monotonic() + (0.0 if busy else self._wait_s)
+        # A request that resumes from the prefix cache is prefilled alone: waiting for company only delays it.
+        alone = bool(taken) and isinstance(taken[0], list) and self._resume_point(taken[0]) is not None
+        deadline = time.monotonic() + (0.0 if busy or alone else self._wait_s)
         while True:
             try:
                 taken.append(self._waiting.get(timeout=max(0.0, deadline - time.monotonic())))

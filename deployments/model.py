@@ -10,6 +10,7 @@ import psutil
 from ray import serve
 
 from deployments.config import ModelConfig
+from deployments.handoff import MediaStore
 from deployments.metrics import CacheMetrics, active_streams_gauge, batch_rows_gauge
 from deployments.types import Chunk, GenerationRequest
 
@@ -25,13 +26,17 @@ class ModelDeployment:
 
         self._tags = {"variant": config.variant}
         batch_rows = batch_rows_gauge()
+        caches = CacheMetrics(config.variant, ("prefix", "vision", "processor", "media"))
         self.engine = Engine(config, on_batch_rows=lambda rows: batch_rows.set(rows, tags=self._tags),
-                             on_cache=CacheMetrics(config.variant, ("prefix", "vision", "processor")).observe)
+                             on_cache=caches.observe)
+        self.media = MediaStore(config.media_store_bytes, caches.observe)
         self._active = 0
         self._active_gauge = active_streams_gauge()
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Yield the engine's chunks; cancellation by the caller stops generation."""
+        """Yield the engine's chunks; cancellation by the caller stops generation. Raises MediaNotHeldError
+        at once when an image or video sent by reference is not held here (the router then resends it)."""
+        request = self.media.resolve(request)
         self._set_active(+1)
         try:
             async for chunk in self.engine.stream(request):
@@ -54,7 +59,8 @@ class ModelDeployment:
     def process_info(self) -> dict:
         """This replica's process id, resident memory, running sequences, the rows in its batch after each of
         the last 100 admissions, for the last 100 rows cancelled while generating the decode steps each
-        took to leave the batch, its caches' bytes, hits and misses (and answers carried into the prefix cache),
+        took to leave the batch, its caches' bytes, hits and misses (and answers carried into the prefix cache;
+        the media store's hits and misses are the images and videos sent by reference),
         and how its decode steps run (compiled or eager); for operators, tests and benchmarks."""
         core = self.engine.core
         step = core.step
@@ -68,7 +74,7 @@ class ModelDeployment:
                 "decode": {"compile": self.engine.config.compile_decode, "compiled": step.compiled,
                            "compile_s": step.warm_up_s, "compile_error": repr(step.error) if step.error else None,
                            "steps": core.decode_steps, "compiled_steps": step.compiled_steps}}
-        processor = self.engine.processor_cache
-        if processor.enabled:
-            info["processor_cache"] = {"bytes": processor.bytes, "hits": processor.stats[0], "misses": processor.stats[1]}
+        for name, cache in (("processor_cache", self.engine.processor_cache), ("media_store", self.media)):
+            if cache.enabled:
+                info[name] = {"bytes": cache.bytes, "hits": cache.stats[0], "misses": cache.stats[1]}
         return info

@@ -120,8 +120,31 @@ def affinity(request: ChatCompletionRequest) -> str:
         if message.role == "user":
             break
     tools = [tool.model_dump(mode="json", exclude_none=True) for tool in request.tools or []]
-    text = json.dumps([opening, tools], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    h = hashlib.sha256()
+    _feed(h, [opening, tools])
+    return h.hexdigest()[:32]
+
+
+def _feed(h, value) -> None:
+    """Hash a JSON-like value without serialising it: each string once, as it is (a data URL of megabytes
+    costs one pass of the hash, not JSON escaping first); type tags and lengths keep the encoding unambiguous."""
+    if isinstance(value, str):
+        data = value.encode("utf-8", "surrogatepass")
+        h.update(b"s%d:" % len(data))
+        h.update(data)
+    elif isinstance(value, dict):
+        h.update(b"d%d:" % len(value))
+        for key in sorted(value):
+            _feed(h, key)
+            _feed(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(b"l%d:" % len(value))
+        for item in value:
+            _feed(h, item)
+    else:  # numbers, booleans, None
+        text = repr(value).encode()
+        h.update(b"v%d:" % len(text))
+        h.update(text)
 
 
 def constraint(request: ChatCompletionRequest) -> Constraint | None:

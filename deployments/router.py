@@ -20,13 +20,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments.access import AccessMiddleware, AccessPolicy, route_path, send_error
 from deployments.config import ModelConfig, RouterArgs
 from deployments.errors import BadRequestError, HTTPStatusError, OverloadedError, ServiceError, error_body
+from deployments.handoff import MediaNotHeldError, SentMedia
 from deployments.media import MediaLoader
 from deployments.metrics import CacheMetrics, RequestTrace, RouterMetrics, Status
 from deployments.protocol import (
     CompletionStream, choose_variant, collect, error_event, parsed_tools, to_generation_request,
 )
 from deployments.schemas import ChatCompletionRequest, ModelCard, ModelList
-from deployments.types import Chunk
+from deployments.types import Chunk, GenerationRequest
 
 logger = logging.getLogger("ray.serve")
 
@@ -38,9 +39,13 @@ CHAT_PATH = "/v1/chat/completions"
 
 
 async def _first(chunks: DeploymentResponseGenerator):
-    """Await the first chunk so errors before any token still choose the HTTP status."""
+    """Await the first chunk so errors before any token still choose the HTTP status; when the client goes
+    away meanwhile, stop the replica."""
     try:
         return await chunks.__anext__()
+    except asyncio.CancelledError:
+        _stop(chunks)
+        raise
     except (BackPressureError, DeploymentUnavailableError) as exc:
         raise OverloadedError("The model is at capacity; retry shortly") from exc
     except StopAsyncIteration:
@@ -244,6 +249,29 @@ class Router:
         ACCESS.configure(args.api_key, args.api_key_env, args.cors_origins, args.max_body_bytes,
                          args.max_ongoing_chats)
         self._media = MediaLoader(args.media, _metrics().media_decode, CacheMetrics("router", ("decoded",)).observe)
+        self._sent = SentMedia()
+
+    async def _start(self, config: ModelConfig, request: GenerationRequest
+                     ) -> tuple[DeploymentResponseGenerator, Chunk]:
+        """Call the variant's deployment and await the first chunk. Images and videos this router handed to
+        that deployment before go by reference (`deployments.handoff`); when the replica lacks one, the
+        request goes again with every item in full."""
+        handle, variant = self._handles[config.variant], config.variant
+        light = self._sent.by_reference(variant, request) if config.media_store_bytes else None
+        chunks = None
+        if light is not None:
+            chunks = handle.stream.remote(light)
+            try:
+                first = await _first(chunks)
+            except MediaNotHeldError:
+                self._sent.forget(variant, request)
+                chunks = None
+        if chunks is None:
+            chunks = handle.stream.remote(request)
+            first = await _first(chunks)
+        if config.media_store_bytes:
+            self._sent.remember(variant, request)  # the replica holds them all now
+        return chunks, first
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def chat_page(self) -> str:
@@ -265,12 +293,7 @@ class Router:
         config, thinking = choose_variant(body, self._variants)
         trace.variant = config.variant
         generation_request = await to_generation_request(body, thinking, request_id, self._args, self._media.load)
-        chunks = self._handles[config.variant].stream.remote(generation_request)
-        try:
-            first = await _first(chunks)
-        except asyncio.CancelledError:  # the client went away before the first token: stop the replica
-            _stop(chunks)
-            raise
+        chunks, first = await self._start(config, generation_request)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = CompletionStream(request_id, config.name, include_usage, body.n, parsed_tools(body))

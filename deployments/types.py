@@ -24,7 +24,16 @@ class Video:
     digest: bytes = b""  # of the frames, set by the router after decoding (deployments.digest)
 
 
-# One part of a message's content: text, an image or a video.
+@dataclass(frozen=True)
+class MediaRef:
+    """An image or video by the digest of its decoded pixels, in place of the item: the router sends one for
+    an item it handed to the model deployment before, and the replica resolves it (deployments.handoff)."""
+
+    kind: Literal["image", "video"]
+    digest: bytes
+
+
+# One part of a message's content: text, an image or a video (a MediaRef only between router and replica).
 ContentPart = str | Image.Image | Video
 
 
