@@ -3,10 +3,11 @@
     python -m benchmarks.multiturn --rounds 5
 
 Serves the instruct variant of a preset (`small` by default) through Ray Serve, once with the
-prefix and vision-feature caches on and once with both off. Each round is a new 5-turn chat whose
-first user message carries a photo-sized JPEG (1280x960) as a data URL (`--media video`: a 4 s
-640x480 MP4), resent every turn as a client does (the web page included); each answer (greedy,
-16 tokens) goes back into the history, at once or after `--think-ms` (a reader's pause).
+replica's caches on (prefix, vision features, processor output, received media) and once with all
+off. Each round is a new 5-turn chat whose first user message carries a photo-sized JPEG (1280x960)
+as a data URL (`--media video`: a 4 s 640x480 MP4), resent every turn as a client does (the web
+page included); each answer (greedy, 16 tokens) goes back into the history, at once or after
+`--think-ms` (a reader's pause).
 Prints the median time to first token of every turn, turn k against turn 1, and the replica's
 cache bytes and hits.
 """
@@ -111,7 +112,8 @@ def cache_info() -> dict:
     from ray import serve
 
     info = serve.get_deployment_handle("instruct", app_name="bench").process_info.remote().result()
-    return {name: info[name] for name in ("prefix_cache", "vision_cache", "processor_cache") if name in info}
+    return {name: info[name] for name in ("prefix_cache", "vision_cache", "processor_cache", "media_store")
+            if name in info}
 
 
 def main() -> None:
@@ -133,7 +135,8 @@ def main() -> None:
     for label, budget in (("caches on", None), ("caches off", 0)):
         model = {"checkpoint": f"preset:{args.preset}", "torch_threads": args.threads}
         if budget is not None:
-            model |= {"prefix_cache_bytes": budget, "vision_cache_bytes": budget, "processor_cache_bytes": budget}
+            model |= {"prefix_cache_bytes": budget, "vision_cache_bytes": budget, "processor_cache_bytes": budget,
+                      "media_store_bytes": budget}
         elif args.min_tokens is not None:
             model |= {"prefix_cache_min_tokens": args.min_tokens}
         url = start_app({"instruct": {"model": model}, "thinking": None})
