@@ -79,7 +79,8 @@ class ModelSettings(BaseModel):
     prefix_cache_answers: bool = Field(
         default=True,
         description="After a turn of a chat the prefix cache holds, prefill its answer as the next turn will resend "
-        "it, once the replica has nothing else to run, and store the state at the end of the assistant turn: the "
+        "it, once the replica has nothing else to run, and store the state after the opening of the next user turn "
+        "(`<|im_start|>user\\n`, or the end of the assistant turn where the template opens it otherwise): the "
         "next turn then prefills only its own new text. false: every later turn is stored at the end of its user "
         "turn instead, inside its own prefill (the next turn then prefills the answer).",
     )

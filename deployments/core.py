@@ -321,7 +321,7 @@ class EngineCore:
 
     def _carry(self, job: AnswerJob) -> None:
         """Prefill a turn's answer from its chat's longest stored prefix, in one forward, and store the state
-        at the end of the assistant turn. Skipped when nothing is stored to resume from, when the answer is
+        after the next user turn's opening. Skipped when nothing is stored to resume from, when the answer is
         stored already or longer than one prefill forward, or when media follow the stored prefix."""
         end, key = job.point
         past = self.prefix_cache.longest(job.layout, before=end, count=False)

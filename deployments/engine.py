@@ -73,7 +73,8 @@ class Engine:
         self.grammars = Grammars(self.tokenizer, text_config.vocab_size, sorted(self._eos_ids))
         ids = self.tokenizer.convert_tokens_to_ids
         self._special = reuse.SpecialIds(turn_end=ids("<|im_end|>"), media_start=ids(self.processor.image_start_token),
-                                         image=self.model.config.image_token_id, video=self.model.config.video_token_id)
+                                         image=self.model.config.image_token_id, video=self.model.config.video_token_id,
+                                         user_opening=self._user_opening())
         # Cache keys are namespaced by what was loaded: entries never outlive a change of checkpoint.
         self._namespace = f"{config.checkpoint}:{config.variant}:{self.model.dtype}"
         self.core = EngineCore(
@@ -83,6 +84,20 @@ class Engine:
                               every_turn=not config.prefix_cache_answers),
             reuse.VisionCache(config.vision_cache_bytes, on_cache), config.compile_decode,
         )
+
+    def _user_opening(self) -> tuple[int, ...]:
+        """The ids that open a user turn in this chat template (`<|im_start|>user\n`), as they tokenize inside
+        a rendered conversation; () when the template does not open one that way (no boundary there then)."""
+        try:
+            text = self.processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                                                      tokenize=False)
+            start = text.rindex("<|im_start|>")
+            opening = self.tokenizer.encode(text[start : text.index("\n", start) + 1], add_special_tokens=False)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        except (ValueError, jinja2.TemplateError):
+            return ()
+        found = any(ids[i : i + len(opening)] == opening for i in range(len(ids)))
+        return tuple(opening) if found and self.tokenizer.decode(opening).endswith("user\n") else ()
 
     @property
     def running(self) -> int:
@@ -139,7 +154,8 @@ class Engine:
 
     def _answer_job(self, request: GenerationRequest, answer: str) -> None:
         """Render the conversation as its next turn will resend it (the answer, then a blank user turn, whose
-        content does not change the tokens before it) and queue the assistant turn's end for the core."""
+        content does not change the tokens before it) and queue the point after that user turn's opening (its
+        last boundary but one: the assistant turn's end where the template's opening was not found) for the core."""
         try:
             follow = dataclasses.replace(request, messages=[
                 *request.messages, ChatMessage("assistant", [answer]), ChatMessage("user", [""])])

@@ -33,7 +33,7 @@ LinearStates = dict[int, tuple[torch.Tensor, torch.Tensor]]
 @dataclass
 class AnswerJob:
     """A finished chat turn as its next turn will resend it: the prompt ids through the answer (and a blank
-    user turn after it), their layout, and the (position, key) of the assistant turn's end, to be stored."""
+    user turn after it), their layout, and the (position, key) after that user turn's opening, to be stored."""
 
     ids: torch.Tensor  # (1, length)
     layout: Layout

@@ -11,8 +11,9 @@ skip what the turn before already computed:
 - `PrefixCache`: the text tower's state at the end of a user turn: the full-attention keys and
   values of every position before it, and the linear-attention conv and recurrent states at that
   position (the hybrid model cannot resume from an arbitrary position: those states summarise
-  the whole prefix, so they are snapshotted exactly at turn ends, where the next turn's prompt
-  will resume). A request whose prompt starts with a stored prefix prefills only the rest.
+  the whole prefix, so they are snapshotted exactly at turn ends, or after the opening of the user
+  turn that follows, where the next turn's prompt will resume). A request whose prompt starts with
+  a stored prefix prefills only the rest.
 
 Keys: a prompt's `Layout` hashes its token ids with the digest of each image or video spliced in
 where its placeholders start (placeholder ids are the same for every image, so ids alone would
@@ -62,7 +63,8 @@ class MediaItem:
 
 @dataclass
 class Layout:
-    """A prompt's media items (in prompt order per kind) and, at each turn end, the prefix key there."""
+    """A prompt's media items (in prompt order per kind) and, at each turn end and after each user turn's
+    opening, the prefix key there."""
 
     length: int
     media: list[MediaItem]
@@ -76,12 +78,14 @@ class Layout:
 
 @dataclass(frozen=True)
 class SpecialIds:
-    """The token ids a layout reads: turn ends, the image/frame start marker and the two placeholders."""
+    """The token ids a layout reads: turn ends, the image/frame start marker, the two placeholders, and the
+    ids that open a user turn (`<|im_start|>user\n`; empty: no boundary there)."""
 
     turn_end: int
     media_start: int
     image: int
     video: int
+    user_opening: tuple[int, ...] = ()
 
 
 def layout(ids: Sequence[int] | torch.Tensor, special: SpecialIds, images: list[Image.Image], videos: list[Video],
@@ -110,8 +114,9 @@ def layout(ids: Sequence[int] | torch.Tensor, special: SpecialIds, images: list[
     media.sort(key=lambda item: item.start)
     result = Layout(int(len(ids)), media)
     h = hashlib.blake2b(namespace.encode(), digest_size=16)
+    ends = [int(p) + 1 for p in np.flatnonzero(ids == special.turn_end)]
     events = sorted([(item.start, 0, item) for item in media]
-                    + [(int(p) + 1, 1, None) for p in np.flatnonzero(ids == special.turn_end)],
+                    + [(p, 1, None) for p in sorted({*ends, *_after(ids, special.user_opening)})],
                     key=lambda event: event[:2])
     position = 0
     for at, is_boundary, item in events:
@@ -122,6 +127,14 @@ def layout(ids: Sequence[int] | torch.Tensor, special: SpecialIds, images: list[
         else:
             h.update(b"\0media:" + item.kind.encode() + item.digest)
     return result
+
+
+def _after(ids: np.ndarray, run: tuple[int, ...]) -> list[int]:
+    """The positions right after each occurrence of the id sequence `run` in `ids`."""
+    if not run or len(ids) < len(run):
+        return []
+    windows = np.lib.stride_tricks.sliding_window_view(ids, len(run))
+    return [int(p) + len(run) for p in np.flatnonzero((windows == np.asarray(run)).all(axis=1))]
 
 
 def _runs(ids: np.ndarray, token: int) -> list[tuple[int, int]]:

@@ -128,8 +128,8 @@ def assert_is_state_after(engine: Engine, ids: torch.Tensor, stored: reuse.Snaps
 async def test_a_carried_answer_leaves_the_next_turn_only_its_own_text_to_prefill(tiny_checkpoints, cold, variant,
                                                                                    monkeypatch):
     """After each turn, the engine prefills the answer as the next turn resends it, from the chat's last
-    snapshot, and stores the end of the assistant turn; the next turn resumes there, prefills only its own
-    text, and answers as without caches."""
+    snapshot, and stores the state after the next user turn's opening; the next turn resumes there, prefills
+    only its own text, and answers as without caches."""
     warm = engine(tiny_checkpoints, variant)
     forwards = Forwards(warm, monkeypatch)
     messages = [ChatMessage("user", [picture(8), "what is in this picture?"])]
@@ -146,9 +146,12 @@ async def test_a_carried_answer_leaves_the_next_turn_only_its_own_text_to_prefil
             assert forwards.prefilled[0] == prompt.prompt_tokens - stored_at, "only this turn's own text"
         await wait_until_async(lambda: warm.core.answers_carried == turn + 1, what="the answer carried")
         messages += [ChatMessage("assistant", [answer]), ChatMessage("user", [f"and then {turn}?"])]
-        follow = warm.prepare(GenerationRequest(list(messages), variant == "thinking")).layout
+        following = warm.prepare(GenerationRequest(list(messages), variant == "thinking"))
+        follow = following.layout
         assert forwards.prefilled[-1] == follow.boundaries[-2][0] - stored_at, "the carry prefilled what came since"
         stored_at = follow.boundaries[-2][0]
+        carried = warm.tokenizer.decode(following.inputs["input_ids"][0, :stored_at])
+        assert carried.endswith(f"{answer}<|im_end|>\n<|im_start|>user\n"), "through the next user turn's opening"
         assert follow.boundaries[-2][1] in warm.core.prefix_cache
     assert forwards.vision_units == 3, "the image went through the vision tower once"
 

@@ -59,6 +59,22 @@ def test_a_turn_that_extends_the_chat_shares_the_earlier_turn_ends_keys():
     assert first.store_at == second.boundaries[0]
 
 
+def test_the_opening_of_each_user_turn_is_a_boundary_the_next_turn_shares():
+    """`<|im_start|>user\n` as ids 13, 14: a boundary right after each occurrence, none for other roles; a
+    prompt that resends the turn ends and the opening (a carried answer, then the next question) shares its key."""
+    special = SpecialIds(turn_end=9, media_start=7, image=5, video=6, user_opening=(13, 14))
+    # user opening, image, text | turn end | assistant opening (13, 15), answer | turn end | user opening, text...
+    chat = [13, 14, 7, 5, 5, 2, 9, 13, 15, 3, 9, 13, 14, 4, 9, 13, 15]
+    found = layout(chat, special, [picture(1)], [], "ns")
+    assert [position for position, _ in found.boundaries] == [2, 7, 11, 13, 15]
+    assert found.store_at == found.boundaries[-1], "the last user turn's end, not an opening"
+    carried = layout(chat[:13] + [9, 13, 15], special, [picture(1)], [], "ns")  # that turn sent empty
+    assert carried.boundaries[3] == found.boundaries[3]
+    assert layout(chat, SPECIAL, [picture(1)], [], "ns").boundaries == [(7, found.boundaries[1][1]),
+                                                                         (11, found.boundaries[2][1]),
+                                                                         (15, found.boundaries[4][1])]
+
+
 def test_placeholders_that_do_not_match_the_media_give_no_layout():
     assert layout(IDS, SPECIAL, [], [clip(2)], "ns") is None, "an image run without an image"
     assert layout(IDS, SPECIAL, [picture(1), picture(2)], [clip(2)], "ns") is None
