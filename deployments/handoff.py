@@ -8,8 +8,9 @@ a 1280x960 photo on a 2-core machine, tens of ms for a video's sampled frames. S
   `media_store_bytes` of host memory);
 - the router remembers, per model deployment, the digests it handed over in full (`SentMedia`,
   a bounded count) and sends a later request's items that it handed over before as `MediaRef`s;
-- a replica that lacks one (another replica got it, it was evicted, the replica restarted) refuses
-  the request before doing anything (`MediaNotHeldError`), and the router sends it again in full.
+- a replica that lacks one (another replica got it, it was evicted, the replica restarted) answers
+  the request with a single `MediaMissing` item before doing anything, and the router sends it again
+  in full (a normal answer, not an error: a miss is no failure for the logs or the error metrics).
 
 Nothing is sticky: a miss costs one round trip. A `MediaRef` only ever comes from the router, for an
 item it holds decoded in this very request: the digest covers the decoded pixels and is cryptographic
@@ -21,20 +22,21 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from PIL import Image
 
 from deployments.digest import image_digest, video_digest
-from deployments.errors import ServiceError
 from deployments.lru import ByteLRU, CacheObserver, ignore_cache_event
 from deployments.types import GenerationRequest, MediaRef, Video
 
 
-class MediaNotHeldError(ServiceError):
-    """A replica lacks an item a request sent by reference: the router resends the request in full.
-    Never reaches a client (the full request cannot raise it)."""
+@dataclass(frozen=True)
+class MediaMissing:
+    """A replica's whole answer to a request that named, by reference, `count` items it does not hold: the
+    router resends the request in full. Never reaches a client (a request in full cannot get it)."""
 
-    code = "media_not_held"
+    count: int
 
 
 def _digest(item: Image.Image | Video) -> bytes:
@@ -80,14 +82,14 @@ class MediaStore:
         """(hits, misses) of the references resolved."""
         return self._lru.hits, self._lru.misses
 
-    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+    def resolve(self, request: GenerationRequest) -> GenerationRequest | MediaMissing:
         """The request with its references replaced by the items they name; its full items are kept for later
-        requests. Raises MediaNotHeldError (before keeping anything) when an item referenced is not here."""
+        requests. MediaMissing (and nothing kept) when an item referenced is not here."""
         refs = [part for message in request.messages for part in message.content if isinstance(part, MediaRef)]
         found = {ref.digest: self._lru.get(ref.digest) for ref in refs}
         missing = [ref for ref in refs if found[ref.digest] is None or _kind(found[ref.digest]) != ref.kind]
         if missing:
-            raise MediaNotHeldError(f"{len(missing)} of the request's images or videos are not held here")
+            return MediaMissing(len(missing))
         if self.enabled:
             for item in media_of(request):
                 self._lru.put(_digest(item), item, _nbytes(item))

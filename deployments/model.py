@@ -10,7 +10,7 @@ import psutil
 from ray import serve
 
 from deployments.config import ModelConfig
-from deployments.handoff import MediaStore
+from deployments.handoff import MediaMissing, MediaStore
 from deployments.metrics import CacheMetrics, active_streams_gauge, batch_rows_gauge
 from deployments.types import Chunk, GenerationRequest
 
@@ -33,10 +33,14 @@ class ModelDeployment:
         self._active = 0
         self._active_gauge = active_streams_gauge()
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Yield the engine's chunks; cancellation by the caller stops generation. Raises MediaNotHeldError
-        at once when an image or video sent by reference is not held here (the router then resends it)."""
-        request = self.media.resolve(request)
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk | MediaMissing]:
+        """Yield the engine's chunks; cancellation by the caller stops generation. Only a MediaMissing when an
+        image or video sent by reference is not held here (the router then resends the request in full)."""
+        resolved = self.media.resolve(request)
+        if isinstance(resolved, MediaMissing):
+            yield resolved
+            return
+        request = resolved
         self._set_active(+1)
         try:
             async for chunk in self.engine.stream(request):

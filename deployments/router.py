@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments.access import AccessMiddleware, AccessPolicy, route_path, send_error
 from deployments.config import ModelConfig, RouterArgs
 from deployments.errors import BadRequestError, HTTPStatusError, OverloadedError, ServiceError, error_body
-from deployments.handoff import MediaNotHeldError, SentMedia
+from deployments.handoff import MediaMissing, SentMedia
 from deployments.media import MediaLoader
 from deployments.metrics import CacheMetrics, RequestTrace, RouterMetrics, Status
 from deployments.protocol import (
@@ -261,9 +261,8 @@ class Router:
         chunks = None
         if light is not None:
             chunks = handle.stream.remote(light)
-            try:
-                first = await _first(chunks)
-            except MediaNotHeldError:
+            first = await _first(chunks)
+            if isinstance(first, MediaMissing):  # that stream ended with it
                 self._sent.forget(variant, request)
                 chunks = None
         if chunks is None:

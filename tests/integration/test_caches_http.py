@@ -59,8 +59,8 @@ def test_with_two_replicas_every_later_turn_reaches_the_replica_holding_its_chat
 
 @pytest.mark.timeout(300)
 def test_a_replica_that_lacks_an_image_sent_by_reference_gets_it_resent_and_answers_the_same(client, serve_url):
-    """A replica whose media store cannot hold the image refuses each later turn's reference; the router resends
-    the turn in full, and the answers are those of a replica that held it."""
+    """A replica whose media store cannot hold the image asks for each later turn's reference again; the router
+    resends the turn in full, the answers are those of a replica that held it."""
     image = _image(201)
     expected = [answer["choices"][0]["message"]["content"] for answer in chat_turns(client, "", image, 3)]
     args = app_args(thinking=None, router={"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}})
@@ -70,7 +70,7 @@ def test_a_replica_that_lacks_an_image_sent_by_reference_gets_it_resent_and_answ
         answers = chat_turns(http, "/handoff", image, 3)
         info = process_info("handoff", "instruct")
     assert [answer["choices"][0]["message"]["content"] for answer in answers] == expected
-    assert info["media_store"] == {"bytes": 0, "hits": 0, "misses": 2}, "turns 2 and 3: refused, then resent"
+    assert info["media_store"] == {"bytes": 0, "hits": 0, "misses": 2}, "turns 2 and 3: asked for again, then resent"
     assert info["prefix_cache"]["hits"] == 2, "the resent turns still resumed from the prefix cache"
 
 

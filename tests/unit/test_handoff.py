@@ -1,16 +1,15 @@
 """Images and videos by reference between router and replica: what the router replaces, what the replica
-resolves, keeps and refuses."""
+resolves, keeps and asks for again."""
 
 from __future__ import annotations
 
 import pickle
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from deployments.digest import image_digest, stamp_image, stamp_video
-from deployments.handoff import MediaNotHeldError, MediaStore, SentMedia
+from deployments.handoff import MediaMissing, MediaStore, SentMedia
 from deployments.types import ChatMessage, GenerationRequest, MediaRef, Video
 
 
@@ -67,18 +66,16 @@ def test_a_replica_resolves_what_it_received_before_to_the_same_pixels():
     assert store.bytes == 40 * 30 * 3 + clip.frames.nbytes
 
 
-def test_a_replica_refuses_a_reference_it_lacks_and_keeps_nothing_of_that_request():
+def test_a_replica_asks_again_for_a_reference_it_lacks_and_keeps_nothing_of_that_request():
     store, held, lacking, new = MediaStore(1 << 20), _image(7), _image(8), _image(9)
     store.resolve(_request(held))
     request = GenerationRequest([ChatMessage("user", [MediaRef("image", image_digest(held)),
                                                       MediaRef("image", image_digest(lacking)), new])], False)
-    with pytest.raises(MediaNotHeldError):
-        store.resolve(request)
+    assert store.resolve(request) == MediaMissing(1)
     assert store.stats == (1, 1)
     assert store.bytes == 40 * 30 * 3, "the new image of the refused request was not kept"
     wrong_kind = GenerationRequest([ChatMessage("user", [MediaRef("video", image_digest(held))])], False)
-    with pytest.raises(MediaNotHeldError):
-        store.resolve(wrong_kind)
+    assert store.resolve(wrong_kind) == MediaMissing(1)
 
 
 def test_a_replica_keeps_the_most_recent_items_within_its_budget():
@@ -87,14 +84,15 @@ def test_a_replica_keeps_the_most_recent_items_within_its_budget():
     for image in images:
         store.resolve(_request(image))
     assert store.bytes == 2 * 40 * 30 * 3
-    with pytest.raises(MediaNotHeldError):
-        store.resolve(GenerationRequest([ChatMessage("user", [MediaRef("image", image_digest(images[0]))])], False))
-    store.resolve(GenerationRequest([ChatMessage("user", [MediaRef("image", image_digest(images[2]))])], False))
+    oldest, newest = (GenerationRequest([ChatMessage("user", [MediaRef("image", image_digest(image))])], False)
+                      for image in (images[0], images[2]))
+    assert store.resolve(oldest) == MediaMissing(1)
+    assert _parts(store.resolve(newest)) == [images[2]]
 
 
-def test_a_replica_without_a_store_refuses_every_reference_and_passes_full_requests_through():
+def test_a_replica_without_a_store_asks_again_for_every_reference_and_passes_full_requests_through():
     store, image = MediaStore(0), _image(13)
     request = _request(image)
     assert store.resolve(request) is request and store.bytes == 0
-    with pytest.raises(MediaNotHeldError):
-        store.resolve(GenerationRequest([ChatMessage("user", [MediaRef("image", image_digest(image))])], False))
+    assert store.resolve(GenerationRequest([ChatMessage("user", [MediaRef("image", image_digest(image))])], False)) \
+        == MediaMissing(1)
