@@ -159,7 +159,8 @@ class Engine:
         try:
             follow = dataclasses.replace(request, messages=[
                 *request.messages, ChatMessage("assistant", [answer]), ChatMessage("user", [""])])
-            inputs = self._render(follow)
+            with reuse.uncounted():  # the engine's own render: no request's hits or misses
+                inputs = self._render(follow)
             layout = self._layout(follow, inputs)
             if layout is not None and len(layout.boundaries) >= 2:
                 self.core.carry_answer(AnswerJob(inputs["input_ids"], layout, layout.boundaries[-2]))

@@ -282,7 +282,7 @@ class ProcessorCache(_Bounded):
             keys.append(hashlib.blake2b(options + repr(own).encode() + digest, digest_size=16).digest())
             calls.append(shared | own)
         with self._lock:
-            outputs = [self._lru.get(key) for key in keys]
+            outputs = [self._lru.get(key, count=_counting.get()) for key in keys]
         for i, key in enumerate(keys):
             if outputs[i] is None:
                 outputs[i] = inner([items[i]], **calls[i])
@@ -323,6 +323,21 @@ class _CachingMediaProcessor:
         known = _known_videos.get()
         digests = [video_digest(known[id(frames)]) if id(frames) in known else frames_digest(frames) for frames in flat]
         return self.cache.process(self.inner, flat, digests, kwargs, {"video_metadata": metadata})
+
+
+# Whether processor-cache lookups count as hits and misses: not for the engine's own renders (a carried
+# answer's), which would otherwise show on the dashboard as hits no request made.
+_counting: contextvars.ContextVar[bool] = contextvars.ContextVar("counting", default=True)
+
+
+@contextlib.contextmanager
+def uncounted():
+    """Within this block, processor-cache lookups are not counted as hits or misses."""
+    token = _counting.set(False)
+    try:
+        yield
+    finally:
+        _counting.reset(token)
 
 
 # The videos of the prompt being rendered, by the id of their frames array (alive, so ids are unique):

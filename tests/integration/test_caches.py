@@ -363,6 +363,19 @@ async def test_the_image_processor_runs_once_per_image_and_its_merged_output_is_
     assert warm.processor_cache.stats == (3, 3), "each image processed once, then reused"
 
 
+async def test_the_processor_cache_counts_the_requests_lookups_not_the_carried_answers_renders(tiny_checkpoints):
+    """Carrying an answer renders the chat again (a processor-cache hit for its image), but only the requests'
+    own lookups count, so the dashboard's hit rate is the requests'."""
+    warm = engine(tiny_checkpoints)
+    messages = [ChatMessage("user", [picture(43), "what is it?"])]
+    for turn in range(2):
+        request = GenerationRequest(list(messages), False, SamplingParams(max_tokens=4, temperature=0.0))
+        answer = "".join([chunk.content async for chunk in warm.stream(request)])
+        await wait_until_async(lambda: warm.core.answers_carried == turn + 1, what="the answer carried")
+        messages += [ChatMessage("assistant", [answer]), ChatMessage("user", ["and?"])]
+    assert warm.processor_cache.stats == (1, 1), "turn 1 missed, turn 2 hit; the two carries are not counted"
+
+
 async def test_the_video_processor_runs_once_per_video_and_its_merged_output_is_the_processors(
         tiny_checkpoints, monkeypatch):
     warm, plain = engine(tiny_checkpoints), engine(tiny_checkpoints, processor_cache_bytes=0)
