@@ -92,9 +92,17 @@ class MediaStore:
             return MediaMissing(len(missing))
         if self.enabled:
             for item in media_of(request):
-                self._lru.put(_digest(item), item, _nbytes(item))
+                self._lru.put(_digest(item), _owned(item), _nbytes(item))
         return _replace_parts(request, lambda part: found[part.digest] if isinstance(part, MediaRef) else part) \
             if refs else request
+
+
+def _owned(item: Image.Image | Video) -> Image.Image | Video:
+    """The item with pixels of its own: Ray hands a large array over as a read-only view of its object
+    store, which holding it would pin there (images arrive as copies already)."""
+    if isinstance(item, Video) and not item.frames.flags.owndata:
+        return dataclasses.replace(item, frames=item.frames.copy())
+    return item
 
 
 def _kind(item: Image.Image | Video) -> str:

@@ -45,8 +45,8 @@ class StateTaps:
 
     Installed once per model instance, on its linear-attention modules only. A forward of one position
     (every decode step, compiled or not) goes straight to the module's own forward, so nothing of this
-    reaches a compiled graph; nor does any forward outside `at`, except that every forward of several
-    positions (each segment, inside `at`) runs the reference kernel with a chunk sized to it (`kernel_chunk`).
+    reaches a compiled graph. A forward of several positions (each segment, inside `at`) runs the
+    reference kernel with a chunk sized to it (`kernel_chunk`); outside `at`, that is all it changes.
     """
 
     def __init__(self, text_model: torch.nn.Module) -> None:

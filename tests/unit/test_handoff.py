@@ -66,6 +66,17 @@ def test_a_replica_resolves_what_it_received_before_to_the_same_pixels():
     assert store.bytes == 40 * 30 * 3 + clip.frames.nbytes
 
 
+def test_a_replica_keeps_its_own_copy_of_frames_it_received_as_a_view():
+    """Ray hands large arrays over as read-only views of its object store: holding one would pin it there."""
+    store, clip = MediaStore(1 << 20), _video(14)
+    shared = clip.frames.copy()
+    shared.flags.writeable = False
+    view = shared[:]  # a view: owns no data, as an array deserialized from the object store
+    store.resolve(_request(Video(view, 2.0, 1.0, [0, 1], 2, digest=clip.digest)))
+    held = _parts(store.resolve(GenerationRequest([ChatMessage("user", [MediaRef("video", clip.digest)])], False)))[0]
+    assert held.frames.flags.owndata and np.array_equal(held.frames, clip.frames)
+
+
 def test_a_replica_asks_again_for_a_reference_it_lacks_and_keeps_nothing_of_that_request():
     store, held, lacking, new = MediaStore(1 << 20), _image(7), _image(8), _image(9)
     store.resolve(_request(held))
