@@ -21,13 +21,14 @@ No torch here: the router imports this module.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from PIL import Image
 
 from deployments.digest import image_digest, video_digest
-from deployments.lru import ByteLRU, CacheObserver, ignore_cache_event
+from deployments.lru import BoundedCache, ByteLRU, CacheObserver, ignore_cache_event
 from deployments.types import GenerationRequest, MediaRef, Video
 
 
@@ -63,36 +64,28 @@ def media_of(request: GenerationRequest) -> list[Image.Image | Video]:
             if isinstance(part, (Image.Image, Video))]
 
 
-class MediaStore:
-    """A model replica's images and videos by digest (host memory, LRU by bytes)."""
+class MediaStore(BoundedCache):
+    """A model replica's images and videos by digest (host memory, LRU by bytes); its hits and misses are the
+    references resolved. Called from several request threads at once (keeping a video may copy its frames)."""
 
     def __init__(self, budget: int, observe: CacheObserver = ignore_cache_event) -> None:
         self._lru = ByteLRU("media", budget, observe)
-
-    @property
-    def enabled(self) -> bool:
-        return self._lru.budget > 0
-
-    @property
-    def bytes(self) -> int:
-        return self._lru.bytes
-
-    @property
-    def stats(self) -> tuple[int, int]:
-        """(hits, misses) of the references resolved."""
-        return self._lru.hits, self._lru.misses
+        self._lock = threading.Lock()
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest | MediaMissing:
         """The request with its references replaced by the items they name; its full items are kept for later
         requests. MediaMissing (and nothing kept) when an item referenced is not here."""
         refs = [part for message in request.messages for part in message.content if isinstance(part, MediaRef)]
-        found = {ref.digest: self._lru.get(ref.digest) for ref in refs}
+        with self._lock:
+            found = {ref.digest: self._lru.get(ref.digest) for ref in refs}
         missing = [ref for ref in refs if found[ref.digest] is None or _kind(found[ref.digest]) != ref.kind]
         if missing:
             return MediaMissing(len(missing))
-        if self.enabled:
-            for item in media_of(request):
-                self._lru.put(_digest(item), _owned(item), _nbytes(item))
+        for item in media_of(request):
+            if _nbytes(item) <= self._lru.budget:  # else put() would drop it: no copy for nothing
+                kept = _owned(item)
+                with self._lock:
+                    self._lru.put(_digest(item), kept, _nbytes(item))
         return _replace_parts(request, lambda part: found[part.digest] if isinstance(part, MediaRef) else part) \
             if refs else request
 

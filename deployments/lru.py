@@ -62,3 +62,21 @@ class ByteLRU:
         self.bytes += size
         self._observe(self.name, "bytes", self.bytes)
         return True
+
+
+class BoundedCache:
+    """A cache over one ByteLRU: whether it is on, the bytes it holds, its hits and misses."""
+
+    _lru: ByteLRU
+
+    @property
+    def enabled(self) -> bool:
+        return self._lru.budget > 0
+
+    @property
+    def bytes(self) -> int:
+        return self._lru.bytes
+
+    @property
+    def stats(self) -> tuple[int, int]:
+        return self._lru.hits, self._lru.misses

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 
@@ -36,7 +37,7 @@ class ModelDeployment:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk | MediaMissing]:
         """Yield the engine's chunks; cancellation by the caller stops generation. Only a MediaMissing when an
         image or video sent by reference is not held here (the router then resends the request in full)."""
-        resolved = self.media.resolve(request)
+        resolved = await asyncio.to_thread(self.media.resolve, request)  # a video's frames may be copied
         if isinstance(resolved, MediaMissing):
             yield resolved
             return

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from deployments.digest import frames_digest, image_digest, video_digest
-from deployments.lru import ByteLRU, CacheObserver, ignore_cache_event
+from deployments.lru import BoundedCache, ByteLRU, CacheObserver, ignore_cache_event
 from deployments.types import Video
 
 # ---- what a prompt is made of ----
@@ -163,25 +163,7 @@ class Snapshot:
                    for store in (self.keys, self.values, self.conv, self.recurrent) for t in store.values())
 
 
-class _Bounded:
-    """A cache over one ByteLRU: whether it is on, the bytes it holds, its hits and misses."""
-
-    _lru: ByteLRU
-
-    @property
-    def enabled(self) -> bool:
-        return self._lru.budget > 0
-
-    @property
-    def bytes(self) -> int:
-        return self._lru.bytes
-
-    @property
-    def stats(self) -> tuple[int, int]:
-        return self._lru.hits, self._lru.misses
-
-
-class PrefixCache(_Bounded):
+class PrefixCache(BoundedCache):
     """Snapshots of the text tower at turn ends, bounded in bytes.
 
     Storing costs memory and, inside the prefill forward, a second pass of each linear-attention
@@ -236,7 +218,7 @@ class PrefixCache(_Bounded):
         self._lru.put(key, snapshot, snapshot.nbytes)
 
 
-class VisionCache(_Bounded):
+class VisionCache(BoundedCache):
     """The vision tower's features per image or video, bounded in bytes."""
 
     def __init__(self, budget: int, observe: CacheObserver = ignore_cache_event) -> None:
@@ -253,7 +235,7 @@ class VisionCache(_Bounded):
         self._lru.put(self.key(item, options), features, features.numel() * features.element_size())
 
 
-class ProcessorCache(_Bounded):
+class ProcessorCache(BoundedCache):
     """The image and video processors' output per item (resized, sliced and normalised pixels with their
     grids), kept in host memory under one budget, keyed by the item's digest and the call's options, so an
     image or a video a chat resends every turn is processed once. `install` wraps a checkpoint's
