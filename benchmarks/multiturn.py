@@ -7,7 +7,7 @@ replica's caches on (prefix, vision features, processor output, received media) 
 off. Each round is a new 5-turn chat whose first user message carries a photo-sized JPEG (1280x960)
 as a data URL (`--media video`: a 4 s 640x480 MP4), resent every turn as a client does (the web
 page included); each answer (greedy, 16 tokens) goes back into the history, at once or after
-`--think-ms` (a reader's pause).
+`--think-ms` (a reader's pause). `--compile`: later turns' prefills run compiled in the caches-on run.
 Prints the median time to first token of every turn, turn k against turn 1, and the replica's
 cache bytes and hits.
 """
@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from benchmarks.service import start_app, stop_app
+from benchmarks.service import start_app, stop_app, wait_compiled
 
 TURNS = 5
 QUESTIONS = ["What is in this picture?", "What colours stand out?", "Is there any text?", "Where could it be?",
@@ -112,8 +112,11 @@ def cache_info() -> dict:
     from ray import serve
 
     info = serve.get_deployment_handle("instruct", app_name="bench").process_info.remote().result()
-    return {name: info[name] for name in ("prefix_cache", "vision_cache", "processor_cache", "media_store")
-            if name in info}
+    found = {name: info[name] for name in ("prefix_cache", "vision_cache", "processor_cache", "media_store")
+             if name in info}
+    if info["resumed_prefill"]["compile"]:
+        found["compiled_resumed_prefills"] = info["resumed_prefill"]["compiled_calls"]
+    return found
 
 
 def main() -> None:
@@ -127,6 +130,8 @@ def main() -> None:
                         help="what the first message carries: a 1280x960 JPEG, or a 4 s 640x480 MP4 (32 frames)")
     parser.add_argument("--think-ms", type=float, default=0.0,
                         help="pause between an answer's end and the next turn (a reader's pause; 0: none)")
+    parser.add_argument("--compile", action="store_true",
+                        help="model.compile_resumed_prefill for the caches-on run (measured once compiled)")
     parser.add_argument("--min-tokens", type=int, default=None,
                         help="model.prefix_cache_min_tokens for the caches-on run (default: the service's)")
     args = parser.parse_args()
@@ -137,9 +142,13 @@ def main() -> None:
         if budget is not None:
             model |= {"prefix_cache_bytes": budget, "vision_cache_bytes": budget, "processor_cache_bytes": budget,
                       "media_store_bytes": budget}
-        elif args.min_tokens is not None:
-            model |= {"prefix_cache_min_tokens": args.min_tokens}
+        else:
+            if args.min_tokens is not None:
+                model |= {"prefix_cache_min_tokens": args.min_tokens}
+            model |= {"compile_resumed_prefill": args.compile}
         url = start_app({"instruct": {"model": model}, "thinking": None})
+        if budget is None and args.compile:
+            wait_compiled("resumed_prefill")
         turn(httpx.Client(base_url=url, timeout=600), [{"role": "user", "content": "warm up"}], 2)
         rounds = chat_rounds(url, args.rounds, args.tokens, args.seed, args.media, args.think_ms / 1000)
         medians = [statistics.median(r[k] for r in rounds) for k in range(TURNS)]

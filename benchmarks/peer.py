@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.service import start_app, stop_app
+from benchmarks.service import start_app, stop_app, wait_compiled
 from benchmarks.throughput import over_http
 
 PEER_PORT = 8100
@@ -100,22 +100,6 @@ def ratios(ours: list[dict], peer: list[dict]) -> dict:
     return out
 
 
-def wait_compiled(timeout_s: float = 1800) -> None:
-    """Wait until the replica's decode step runs compiled (its graphs are built in the background)."""
-    from ray import serve
-
-    handle = serve.get_deployment_handle("instruct", app_name="bench")
-    deadline = time.monotonic() + timeout_s
-    while True:
-        decode = handle.process_info.remote().result()["decode"]
-        if decode["compiled"]:
-            print(f"decode step compiled in {decode['compile_s']:.0f} s", flush=True)
-            return
-        if decode["compile_error"] or time.monotonic() > deadline:
-            raise RuntimeError(f"the decode step did not compile: {decode}")
-        time.sleep(2)
-
-
 def report(name: str, levels: list[dict]) -> None:
     for level in levels:
         print(f"{name:<18} x{level['concurrency']:<3} TTFT p50 {level['ttft_p50_s'] * 1000:7.1f} ms  per stream "
@@ -161,7 +145,7 @@ def main() -> None:
         })
         try:
             if dtype.endswith("+compile"):
-                wait_compiled()
+                wait_compiled("decode")
             ours[dtype] = measure(url, args.tokens, levels, args.rounds)
             serving[dtype] = serving_path_cpu(url, args.tokens, 8)
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 _url: str | None = None
 
@@ -40,3 +41,20 @@ def stop_app() -> None:
     serve.shutdown()
     ray.shutdown()
     _url = None
+
+
+def wait_compiled(part: str, timeout_s: float = 1800) -> None:
+    """Wait until the bench app's instruct replica runs `part` ("decode" or "resumed_prefill", as its
+    `process_info` names them) compiled: the graphs are built in the background after it starts."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("instruct", app_name="bench")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = handle.process_info.remote().result()[part]
+        if info["compiled"]:
+            print(f"{part} compiled in {info['compile_s']:.0f} s", flush=True)
+            return
+        if info["compile_error"] or time.monotonic() > deadline:
+            raise RuntimeError(f"{part} did not compile: {info}")
+        time.sleep(2)

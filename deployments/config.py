@@ -46,6 +46,15 @@ class ModelSettings(BaseModel):
         "starts faster) while requests decode eagerly; then every step runs compiled. Measured 1.2-1.5x faster for "
         "one stream of the small preset on a 2-core CPU (BENCHMARKS.md). If compiling fails, decoding stays eager.",
     )
+    compile_resumed_prefill: bool = Field(
+        default=False,
+        description="Compile the forward of a prompt that resumes from the prefix cache with 2 to 63 new tokens (a chat's "
+        "later turn, most often) with torch.compile (inductor; needs a C++ compiler on CPU). One graph serves every "
+        "prefix and suffix length; a background thread builds it when the replica starts (about 2-3 min on 2 CPU "
+        "cores, after the decode step's graphs when both are on; a compiler cache makes later starts faster) while "
+        "such prompts run eagerly. Longer suffixes, prompts that resume from nothing and batched prefills stay eager. "
+        "Measured on a later turn of the small preset (BENCHMARKS.md). If compiling fails, they stay eager.",
+    )
     torch_threads: int | None = Field(
         default=None, gt=0, description="torch intra-op threads for CPU inference. Default: torch's choice."
     )

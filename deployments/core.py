@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import DynamicCache
 
-from deployments.compiled import DecodeStep
+from deployments.compiled import DecodeStep, SuffixForward
 from deployments.errors import GrammarError, NumericalError
 from deployments.grammar import Masker
 from deployments.prefill import AnswerJob, Family, Prefill, StateTaps, restore, snapshot
@@ -51,7 +51,7 @@ class EngineCore:
                  continuous: bool = True, prefill_tokens: int = 512,
                  on_rows: Callable[[int], None] = lambda rows: None,
                  prefix_cache: PrefixCache | None = None, vision_cache: VisionCache | None = None,
-                 compile_decode: bool = False) -> None:
+                 compile_decode: bool = False, compile_suffix: bool = False) -> None:
         self.model, self.max_rows, self.continuous = model, max_rows, continuous
         self.text, self.lm_head = model.model.language_model, model.lm_head
         self.text_config = model.config.get_text_config()
@@ -66,6 +66,7 @@ class EngineCore:
             self.cache = slot_cache()
             self._next_ids = torch.zeros(max_rows, dtype=torch.long, device=self.device)
         self.step = DecodeStep(self.text, self.lm_head, compile_decode, lambda: slot_cache(initial_len=16))
+        self.suffix = SuffixForward(self.text, compile_suffix, self.text_config.hidden_size, model.dtype, self.device)
         self.taps = StateTaps(self.text)
         self._masker = Masker(max_rows, self.text_config.vocab_size)
         self.prefix_cache = prefix_cache or PrefixCache(0)
@@ -306,11 +307,13 @@ class EngineCore:
         (start, end), past = prefill.next_chunk(), prefill.past
         stores = prefill.stores_within(start, end)
         inside = {column - start: [index for index, _ in due] for column, due in stores.items() if column < end}
-        with self.taps.at(inside) as linear:
-            hidden = self.text(
-                inputs_embeds=prefill.embeds[:, start:end], attention_mask=prefill.mask[:, : past + end],
-                position_ids=prefill.positions[:, past + start : past + end], cache=prefill.cache, use_cache=True,
-            ).last_hidden_state
+        args = (prefill.embeds[:, start:end], prefill.mask[:, : past + end],
+                prefill.positions[:, past + start : past + end], prefill.cache)
+        if not inside and self.suffix.covers(prefill.embeds.shape[0], past + start, end - start):
+            hidden, linear = self.suffix(*args), {}  # a later turn of a chat, most often
+        else:
+            with self.taps.at(inside) as linear:
+                hidden = self.suffix.eager(*args)
         prefill.offset = end
         for column, due in stores.items():
             for index, key in due:

@@ -83,6 +83,7 @@ class Engine:
             reuse.PrefixCache(config.prefix_cache_bytes, on_cache, config.prefix_cache_min_tokens,
                               every_turn=not config.prefix_cache_answers),
             reuse.VisionCache(config.vision_cache_bytes, on_cache), config.compile_decode,
+            config.compile_resumed_prefill,
         )
 
     def _user_opening(self) -> tuple[int, ...]:

@@ -66,7 +66,8 @@ class ModelDeployment:
         the last 100 admissions, for the last 100 rows cancelled while generating the decode steps each
         took to leave the batch, its caches' bytes, hits and misses (and answers carried into the prefix cache;
         the media store's hits and misses are the images and videos sent by reference),
-        and how its decode steps run (compiled or eager); for operators, tests and benchmarks."""
+        and how its decode steps and resumed prefills run (compiled or eager); for operators, tests and
+        benchmarks."""
         core = self.engine.core
         step = core.step
         info = {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, "running": self.engine.running,
@@ -78,7 +79,11 @@ class ModelDeployment:
                                  "misses": core.vision_cache.stats[1]},
                 "decode": {"compile": self.engine.config.compile_decode, "compiled": step.compiled,
                            "compile_s": step.warm_up_s, "compile_error": repr(step.error) if step.error else None,
-                           "steps": core.decode_steps, "compiled_steps": step.compiled_steps}}
+                           "steps": core.decode_steps, "compiled_steps": step.compiled_steps},
+                "resumed_prefill": {"compile": self.engine.config.compile_resumed_prefill,
+                                    "compiled": core.suffix.compiled, "compile_s": core.suffix.warm_up_s,
+                                    "compile_error": repr(core.suffix.error) if core.suffix.error else None,
+                                    "compiled_calls": core.suffix.compiled_calls}}
         for name, cache in (("processor_cache", self.engine.processor_cache), ("media_store", self.media)):
             if cache.enabled:
                 info[name] = {"bytes": cache.bytes, "hits": cache.stats[0], "misses": cache.stats[1]}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache
 
+from deployments.compiled import SUFFIX_CHUNKS
 from deployments.reuse import Layout, Snapshot
 from deployments.rows import Row
 
@@ -45,8 +46,9 @@ class StateTaps:
 
     Installed once per model instance, on its linear-attention modules only. A forward of one position
     (every decode step, compiled or not) goes straight to the module's own forward, so nothing of this
-    reaches a compiled graph. A forward of several positions (each segment, inside `at`) runs the
+    reaches the decode step's graphs. A forward of several positions (each segment, inside `at`) runs the
     reference kernel with a chunk sized to it (`kernel_chunk`); outside `at`, that is all it changes.
+    Traced into a `SuffixForward` graph, it taps nothing and runs one chunk (`SUFFIX_CHUNKS`).
     """
 
     def __init__(self, text_model: torch.nn.Module) -> None:
@@ -72,6 +74,9 @@ class StateTaps:
         length = hidden_states.shape[1]
         if length == 1:
             return inner(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+        if torch.compiler.is_compiling():  # `SuffixForward`'s graphs: a symbolic length, one chunk, no taps
+            chunk = next(size for size in SUFFIX_CHUNKS if length < size)  # a guard: one graph per size
+            return inner(hidden_states, cache=cache, attention_mask=attention_mask, chunk_size=chunk, **kwargs)
         if not self._columns or cache is None:
             return inner(hidden_states, cache=cache, attention_mask=attention_mask, chunk_size=kernel_chunk(length),
                          **kwargs)

@@ -1,10 +1,12 @@
-"""The compiled decode step (`compile_decode`) on the real tiny checkpoint: torch.compile (inductor) of
-the model's own forward on the engine's SlotCache.
+"""The compiled decode step (`compile_decode`) and the compiled forward of a resumed prompt's suffix
+(`compile_resumed_prefill`) on the real tiny checkpoint: torch.compile (inductor) of the model's own
+forward on the engine's SlotCache, and on a one-row DynamicCache holding a prefix.
 
 Compiled kernels round differently from eager ones, and random weights give near-tied logits, so
 the compiled step is checked against the eager one by its logits (fp32, step by step, the same
-tokens fed to both), not by greedy text. Every test runs under the `fail_on_recompile` stance: a
-step the warm-up graphs do not cover fails the test instead of silently running eagerly.
+tokens fed to both), and the suffix forward by its hidden states, not by greedy text. Every test runs
+under the `fail_on_recompile` stance: a call the warm-up graphs do not cover fails the test instead of
+silently running eagerly.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from torch._dynamo.utils import counters
 from transformers.cache_utils import DynamicCache
 
 from deployments import checkpoint
-from deployments.compiled import DecodeStep
+from deployments.compiled import SUFFIX_MAX, CompiledForward, DecodeStep
 from deployments.config import ModelConfig
 from deployments.engine import Engine
 from deployments.slots import SlotCache
 from deployments.types import ChatMessage, GenerationRequest, SamplingParams
+from tests.waiting import wait_until_async
 
 pytestmark = [pytest.mark.usefixtures("restore_torch_threads"), pytest.mark.timeout(900)]
 
@@ -30,7 +33,7 @@ COMPILE_TIMEOUT_S = 600  # two graphs on a busy 2-core machine; about a minute o
 
 @pytest.fixture(autouse=True)
 def fail_on_recompile(monkeypatch) -> None:
-    monkeypatch.setattr(DecodeStep, "fallback", "fail_on_recompile")
+    monkeypatch.setattr(CompiledForward, "fallback", "fail_on_recompile")
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +136,75 @@ async def test_a_compiled_engine_serves_while_compiling_then_runs_every_step_com
     )
     assert counts == [[300], [20, 20], [60]]
     assert engine.core.decode_steps - eager_steps == engine.core.step.compiled_steps > 300
+
+
+@pytest.fixture(scope="module")
+def suffix_engine(tiny_checkpoints):
+    """An engine whose resumed prefills run compiled (its prefix cache on, as by default), graphs built."""
+    torch.set_num_threads(1)
+    engine = Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), torch_threads=1,
+                                dtype="float32", compile_resumed_prefill=True))
+    assert engine.core.suffix.wait_compiled(COMPILE_TIMEOUT_S), engine.core.suffix.error
+    return engine
+
+
+def prefix_cache(engine: Engine, ids: torch.Tensor) -> DynamicCache:
+    """A one-row DynamicCache holding the prefix `ids`, prefilled eagerly (as a snapshot restores one)."""
+    cache = DynamicCache(config=engine.core.text_config)
+    engine.core.text(input_ids=ids[None], cache=cache, use_cache=True, position_ids=torch.arange(len(ids))[None])
+    return cache
+
+
+def test_the_compiled_suffix_forward_gives_the_eager_hidden_states_for_every_length(suffix_engine):
+    """Both graphs (suffixes of 2 to 31, and 33 to 63: each side of the bound), prefixes short and long, and the states it leaves in the
+    cache: what the next forward or decode step of that row reads."""
+    core = suffix_engine.core
+    embed = suffix_engine.model.model.get_input_embeddings()
+    generator = torch.Generator().manual_seed(1)
+    graphs, calls = counters["stats"]["unique_graphs"], core.suffix.compiled_calls
+    cases = [(3, 2), (17, 23), (40, 31), (9, 33), (130, SUFFIX_MAX), (200, 7)]
+    with torch.inference_mode():
+        for past, length in cases:
+            ids = torch.randint(10, 1000, (past + length,), generator=generator)
+            assert core.suffix.covers(1, past, length)
+            args = (embed(ids[None, past:]), torch.ones(1, past + length, dtype=torch.long),
+                    torch.arange(past, past + length)[None])
+            eager, compiled = prefix_cache(suffix_engine, ids[:past]), prefix_cache(suffix_engine, ids[:past])
+            expected = core.suffix.eager(*args, eager)
+            got = core.suffix(*args, compiled)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+            for layer, (want, have) in enumerate(zip(eager.layers, compiled.layers)):
+                for name in ("keys", "values", "conv_states", "recurrent_states"):
+                    if hasattr(want, name):
+                        torch.testing.assert_close(getattr(have, name), getattr(want, name), rtol=1e-4, atol=1e-4,
+                                                   msg=lambda m: f"layer {layer} {name}: {m}")
+    assert core.suffix.compiled_calls - calls == len(cases)
+    assert counters["stats"]["unique_graphs"] == graphs  # the warm-up's two graphs served every case
+    assert not core.suffix.covers(1, 5, SUFFIX_MAX + 1) and not core.suffix.covers(2, 5, 8)
+    assert not core.suffix.covers(1, 5, 32)  # one whole chunk: no graph's guards admit it
+    assert not core.suffix.covers(1, 0, 8) and not core.suffix.covers(1, 5, 1)
+
+
+async def test_a_chats_later_turns_resume_through_the_compiled_suffix_forward(suffix_engine):
+    """Turn 1 (long enough to be stored) prefills eagerly from nothing; each answer is carried into the prefix
+    cache; turns 2 and 3 resume there and run compiled; a later turn longer than the graphs take runs eagerly.
+    Each answers in full."""
+    core = suffix_engine.core
+    history: list[ChatMessage] = []
+    calls = []
+    questions = ("Describe the sea " * 80, "Why is it blue", "And at night", "Tell me more " * 20)
+    for turn, question in enumerate(questions):
+        history.append(ChatMessage("user", [question]))
+        req = GenerationRequest(list(history), False, SamplingParams(max_tokens=6, min_tokens=6, temperature=0.0))
+        text, counts = "", []
+        async for chunk in suffix_engine.stream(req):
+            text += chunk.content
+            if chunk.usage:
+                counts.append(chunk.usage.completion_tokens)
+        assert counts == [6]
+        calls.append(core.suffix.compiled_calls)
+        await wait_until_async(lambda: core.answers_carried == turn + 1, what="the answer carried")
+        history.append(ChatMessage("assistant", [text]))
+    assert core.prefix_cache.stats[0] == 3, "turns 2-4 resumed from the prefix cache"
+    assert calls[1] == calls[0] + 1 and calls[2] == calls[1] + 1  # turns 2 and 3: compiled
+    assert calls[3] == calls[2]  # turn 4's suffix (over 63 tokens) ran eagerly

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deployments.compiled import DecodeStep
+from deployments.compiled import DecodeStep, SuffixForward
 
 
 def step_with(compiled) -> DecodeStep:
@@ -40,3 +40,17 @@ def test_a_failing_compiled_step_fails_once_then_the_steps_run_eagerly():
 def test_without_compile_every_step_is_eager():
     step = DecodeStep(torch.nn.Identity(), torch.nn.Identity(), False, lambda: None)
     assert not step.compiled and step.wait_compiled(0) is False and step.warm_up_s is None
+
+
+def test_the_suffix_forward_hands_its_graphs_tensors_of_their_own():
+    """The engine passes slices of its prompt-wide tensors. A slice over one row is contiguous, yet keeps the
+    whole tensor's stride, and the graphs guard on strides: a slice would miss them (and run eagerly)."""
+    suffix = SuffixForward(torch.nn.Identity(), False, 8, torch.float32, torch.device("cpu"))
+    assert not suffix.covers(1, 5, 8), "no graphs yet"
+    seen = []
+    suffix._compiled = lambda *args: seen.extend(args[:3]) or torch.zeros(1)
+    positions = torch.arange(40)[None]
+    suffix(torch.zeros(1, 40, 8)[:, 30:], torch.ones(1, 40)[:, :35], positions[:, 30:35], None)
+    assert [tensor.stride() for tensor in seen] == [(80, 8, 1), (35, 1), (5, 1)]
+    assert torch.equal(seen[2], torch.arange(30, 35)[None]) and suffix.compiled_calls == 1
+    assert suffix.covers(1, 5, 8) and not suffix.covers(1, 0, 8) and not suffix.covers(2, 5, 8)
