@@ -48,12 +48,13 @@ class ModelSettings(BaseModel):
     )
     compile_resumed_prefill: bool = Field(
         default=False,
-        description="Compile the forward of a prompt that resumes from the prefix cache with 2 to 63 new tokens (a chat's "
-        "later turn, most often) with torch.compile (inductor; needs a C++ compiler on CPU). One graph serves every "
-        "prefix and suffix length; a background thread builds it when the replica starts (about 2-3 min on 2 CPU "
-        "cores, after the decode step's graphs when both are on; a compiler cache makes later starts faster) while "
-        "such prompts run eagerly. Longer suffixes, prompts that resume from nothing and batched prefills stay eager. "
-        "Measured on a later turn of the small preset (BENCHMARKS.md). If compiling fails, they stay eager.",
+        description="Compile the forward of a prompt that resumes from the prefix cache with 2 to 63 new tokens (a "
+        "chat's later turn, most often) with torch.compile (inductor; needs a C++ compiler on CPU). Two graphs "
+        "(suffixes of up to 31 and of 33-63 tokens) serve every prefix length; a background thread builds them when "
+        "the replica starts (about 1.5 min on 2 CPU cores for the small preset, after the decode step's graphs when "
+        "both are on; a compiler cache makes later starts faster) while such prompts run eagerly. Other suffixes, "
+        "prompts that resume from nothing and batched prefills stay eager. Measured on a later turn of the small "
+        "preset (BENCHMARKS.md). If compiling fails, they stay eager.",
     )
     torch_threads: int | None = Field(
         default=None, gt=0, description="torch intra-op threads for CPU inference. Default: torch's choice."
