@@ -12,14 +12,14 @@ from call to call reaching it as a tensor's shape, so that one graph serves them
   share it).
 - `SuffixForward`, traced on a one-row `DynamicCache` (the prefix's and the suffix's lengths). Two
   graphs, for suffixes of 2 to 31 and of 33 to 63 positions: the linear-attention kernel runs each
-  suffix as one chunk of 32 or 64 (`deployments.prefill.StateTaps`). Longer suffixes, prompts
+  suffix as one chunk of 32 or 64 (`deployments.prefill.StateTaps`). Other suffixes, prompts
   prefilled from scratch and groups of several prompts stay eager.
 
-Compiling takes about a minute per graph on a small CPU, so it never
-happens under the running rows' feet: a background thread builds each graph at start on a scratch
-cache while the engine runs eagerly, and the engine switches to it once it exists. After that a call
-that would need a new graph (a guard no warm-up call met) runs eagerly instead of compiling, and a
-compiled call that raises fails its rows and turns that graph off for the replica's later calls.
+Compiling takes tens of seconds per graph on a small CPU, so it never happens under the running
+rows' feet: a background thread builds the graphs at start on a scratch cache while the engine runs
+eagerly, and the engine switches to them once they exist. After that a call that would need a new
+graph (a guard no warm-up call met) runs eagerly instead of compiling, and a compiled call that
+raises fails its rows and turns those graphs off for the replica's later calls.
 """
 
 from __future__ import annotations
