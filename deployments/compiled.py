@@ -198,11 +198,6 @@ class SuffixForward(CompiledForward):
 
         return super().__call__(own(embeds), own(mask), own(positions), cache)
 
-    def eager(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-              cache: DynamicCache) -> torch.Tensor:
-        """The same forward, eagerly (any rows, prefix and length)."""
-        return self._eager(embeds, mask, positions, cache)
-
     def covers(self, rows: int, past: int, length: int) -> bool:
         """Whether a compiled graph runs a forward of `length` positions of `rows` prompts over `past`."""
         # A suffix exactly one chunk long needs no padding: neither graph covers 32 (their guards).

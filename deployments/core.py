@@ -307,13 +307,14 @@ class EngineCore:
         (start, end), past = prefill.next_chunk(), prefill.past
         stores = prefill.stores_within(start, end)
         inside = {column - start: [index for index, _ in due] for column, due in stores.items() if column < end}
-        args = (prefill.embeds[:, start:end], prefill.mask[:, : past + end],
-                prefill.positions[:, past + start : past + end], prefill.cache)
-        if not inside and self.suffix.covers(prefill.embeds.shape[0], past + start, end - start):
-            hidden, linear = self.suffix(*args), {}  # a later turn of a chat, most often
+        embeds, mask = prefill.embeds[:, start:end], prefill.mask[:, : past + end]
+        positions = prefill.positions[:, past + start : past + end]
+        if not inside and self.suffix.covers(embeds.shape[0], past + start, end - start):
+            hidden, linear = self.suffix(embeds, mask, positions, prefill.cache), {}  # a chat's later turn, mostly
         else:
             with self.taps.at(inside) as linear:
-                hidden = self.suffix.eager(*args)
+                hidden = self.text(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                   cache=prefill.cache, use_cache=True).last_hidden_state
         prefill.offset = end
         for column, due in stores.items():
             for index, key in due:

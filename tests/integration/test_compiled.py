@@ -170,7 +170,7 @@ def test_the_compiled_suffix_forward_gives_the_eager_hidden_states_for_every_len
             args = (embed(ids[None, past:]), torch.ones(1, past + length, dtype=torch.long),
                     torch.arange(past, past + length)[None])
             eager, compiled = prefix_cache(suffix_engine, ids[:past]), prefix_cache(suffix_engine, ids[:past])
-            expected = core.suffix.eager(*args, eager)
+            expected = core.suffix._eager(*args, eager)
             got = core.suffix(*args, compiled)
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
             for layer, (want, have) in enumerate(zip(eager.layers, compiled.layers)):
