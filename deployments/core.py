@@ -66,8 +66,8 @@ class EngineCore:
             self.cache = slot_cache()
             self._next_ids = torch.zeros(max_rows, dtype=torch.long, device=self.device)
         self.step = DecodeStep(self.text, self.lm_head, compile_decode, lambda: slot_cache(initial_len=16))
+        self.taps = StateTaps(self.text)  # before the suffix graphs are traced: they trace through it
         self.suffix = SuffixForward(self.text, compile_suffix, self.text_config.hidden_size, model.dtype, self.device)
-        self.taps = StateTaps(self.text)
         self._masker = Masker(max_rows, self.text_config.vocab_size)
         self.prefix_cache = prefix_cache or PrefixCache(0)
         self.vision_cache = vision_cache or VisionCache(0)

@@ -142,9 +142,12 @@ async def test_a_compiled_engine_serves_while_compiling_then_runs_every_step_com
 def suffix_engine(tiny_checkpoints):
     """An engine whose resumed prefills run compiled (its prefix cache on, as by default), graphs built."""
     torch.set_num_threads(1)
+    graphs = counters["stats"]["unique_graphs"]
     engine = Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), torch_threads=1,
                                 dtype="float32", compile_resumed_prefill=True))
     assert engine.core.suffix.wait_compiled(COMPILE_TIMEOUT_S), engine.core.suffix.error
+    # One graph per linear-attention chunk size: traced through the engine's StateTaps, which picks the chunk.
+    assert counters["stats"]["unique_graphs"] - graphs == 2
     return engine
 
 
