@@ -151,7 +151,7 @@ def suffix_engine(tiny_checkpoints):
     return engine
 
 
-def prefix_cache(engine: Engine, ids: torch.Tensor) -> DynamicCache:
+def holding(engine: Engine, ids: torch.Tensor) -> DynamicCache:
     """A one-row DynamicCache holding the prefix `ids`, prefilled eagerly (as a snapshot restores one)."""
     cache = DynamicCache(config=engine.core.text_config)
     engine.core.text(input_ids=ids[None], cache=cache, use_cache=True, position_ids=torch.arange(len(ids))[None])
@@ -159,8 +159,8 @@ def prefix_cache(engine: Engine, ids: torch.Tensor) -> DynamicCache:
 
 
 def test_the_compiled_suffix_forward_gives_the_eager_hidden_states_for_every_length(suffix_engine):
-    """Both graphs (suffixes of 2 to 31, and 33 to 63: each side of the bound), prefixes short and long, and the states it leaves in the
-    cache: what the next forward or decode step of that row reads."""
+    """Both graphs (suffixes of 2 to 31, and 33 to 63: each side of the bound), prefixes short and long, and
+    the states each forward leaves in the cache: what the row's next forward or decode step reads."""
     core = suffix_engine.core
     embed = suffix_engine.model.model.get_input_embeddings()
     generator = torch.Generator().manual_seed(1)
@@ -172,7 +172,7 @@ def test_the_compiled_suffix_forward_gives_the_eager_hidden_states_for_every_len
             assert core.suffix.covers(1, past, length)
             args = (embed(ids[None, past:]), torch.ones(1, past + length, dtype=torch.long),
                     torch.arange(past, past + length)[None])
-            eager, compiled = prefix_cache(suffix_engine, ids[:past]), prefix_cache(suffix_engine, ids[:past])
+            eager, compiled = holding(suffix_engine, ids[:past]), holding(suffix_engine, ids[:past])
             expected = core.suffix._eager(*args, eager)
             got = core.suffix(*args, compiled)
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
