@@ -41,8 +41,9 @@ logger = logging.getLogger("ray.serve")
 _COMPILE_LOCK = threading.Lock()
 
 # The linear-attention kernel's chunk in each graph of the compiled suffix forward: a suffix runs as one chunk,
-# in the graph of the smallest longer than it (a chunk of 64 costs a short suffix about a fifth more than one
-# of 32). Longer, not as long: the graphs are traced on a padded chunk, and guard that the suffix is not one.
+# in the graph of the smallest longer than it (the kernel pays for whole chunks: one graph with chunks of 64
+# saved less of a short suffix's eager forward, BENCHMARKS.md). Longer, not as long: the graphs are traced on a
+# padded chunk, and guard that the suffix is not one.
 SUFFIX_CHUNKS = (32, 64)
 SUFFIX_MAX = SUFFIX_CHUNKS[-1] - 1  # the longest suffix compiled
 
