@@ -82,10 +82,11 @@ class MediaStore(BoundedCache):
         if missing:
             return MediaMissing(len(missing))
         for item in media_of(request):
-            if _nbytes(item) <= self._lru.budget:  # else put() would drop it: no copy for nothing
+            size = _nbytes(item)
+            if size <= self._lru.budget:  # else put() would drop it: no copy for nothing
                 kept = _owned(item)
                 with self._lock:
-                    self._lru.put(_digest(item), kept, _nbytes(item))
+                    self._lru.put(_digest(item), kept, size)
         return _replace_parts(request, lambda part: found[part.digest] if isinstance(part, MediaRef) else part) \
             if refs else request
 

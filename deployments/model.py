@@ -10,8 +10,10 @@ import psutil
 
 from ray import serve
 
+from deployments.compiled import CompiledForward
 from deployments.config import ModelConfig
 from deployments.handoff import MediaMissing, MediaStore
+from deployments.lru import BoundedCache
 from deployments.metrics import CacheMetrics, active_streams_gauge, batch_rows_gauge
 from deployments.types import Chunk, GenerationRequest
 
@@ -68,23 +70,26 @@ class ModelDeployment:
         the media store's hits and misses are the images and videos sent by reference),
         and how its decode steps and resumed prefills run (compiled or eager); for operators, tests and
         benchmarks."""
-        core = self.engine.core
-        step = core.step
+        core, config = self.engine.core, self.engine.config
         info = {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, "running": self.engine.running,
                 "batch_sizes": list(core.batch_sizes), "cancel_lags": list(core.cancel_lags),
                 "cancelled_rows": core.cancelled_rows,
-                "prefix_cache": {"bytes": core.prefix_cache.bytes, "hits": core.prefix_cache.stats[0],
-                                 "misses": core.prefix_cache.stats[1], "answers_carried": core.answers_carried},
-                "vision_cache": {"bytes": core.vision_cache.bytes, "hits": core.vision_cache.stats[0],
-                                 "misses": core.vision_cache.stats[1]},
-                "decode": {"compile": self.engine.config.compile_decode, "compiled": step.compiled,
-                           "compile_s": step.warm_up_s, "compile_error": repr(step.error) if step.error else None,
-                           "steps": core.decode_steps, "compiled_steps": step.compiled_steps},
-                "resumed_prefill": {"compile": self.engine.config.compile_resumed_prefill,
-                                    "compiled": core.suffix.compiled, "compile_s": core.suffix.warm_up_s,
-                                    "compile_error": repr(core.suffix.error) if core.suffix.error else None,
+                "prefix_cache": {**_cache_state(core.prefix_cache), "answers_carried": core.answers_carried},
+                "vision_cache": _cache_state(core.vision_cache),
+                "decode": {**_compile_state(core.step, config.compile_decode), "steps": core.decode_steps,
+                           "compiled_steps": core.step.compiled_steps},
+                "resumed_prefill": {**_compile_state(core.suffix, config.compile_resumed_prefill),
                                     "compiled_calls": core.suffix.compiled_calls}}
         for name, cache in (("processor_cache", self.engine.processor_cache), ("media_store", self.media)):
             if cache.enabled:
-                info[name] = {"bytes": cache.bytes, "hits": cache.stats[0], "misses": cache.stats[1]}
+                info[name] = _cache_state(cache)
         return info
+
+
+def _cache_state(cache: BoundedCache) -> dict:
+    return {"bytes": cache.bytes, "hits": cache.stats[0], "misses": cache.stats[1]}
+
+
+def _compile_state(forward: CompiledForward, on: bool) -> dict:
+    return {"compile": on, "compiled": forward.compiled, "compile_s": forward.warm_up_s,
+            "compile_error": repr(forward.error) if forward.error else None}
