@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import psutil
 
 from ray import serve
 
-from deployments.compiled import CompiledForward
 from deployments.config import ModelConfig
 from deployments.handoff import MediaMissing, MediaStore
 from deployments.lru import BoundedCache
 from deployments.metrics import CacheMetrics, active_streams_gauge, batch_rows_gauge
 from deployments.types import Chunk, GenerationRequest
+
+if TYPE_CHECKING:  # the module imports torch, which the router's process never loads
+    from deployments.compiled import CompiledForward
 
 
 @serve.deployment
