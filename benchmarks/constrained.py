@@ -25,6 +25,7 @@ from deployments.config import ModelConfig
 from deployments.engine import Engine
 from deployments.grammar import Masker
 from deployments.types import ChatMessage, Constraint, GenerationRequest, SamplingParams
+from benchmarks import announce_cpu
 
 SCHEMA = {"type": "object", "properties": {
     "verdict": {"enum": ["approve", "reject", "escalate"]}, "urgent": {"type": "boolean"},
@@ -129,7 +130,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    asyncio.run(main_async(parser.parse_args()))
+    args = parser.parse_args()
+    announce_cpu()
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

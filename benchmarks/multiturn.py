@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.service import start_app, stop_app, wait_compiled
+from benchmarks import announce_cpu
 
 TURNS = 5
 QUESTIONS = ["What is in this picture?", "What colours stand out?", "Is there any text?", "Where could it be?",
@@ -135,6 +136,7 @@ def main() -> None:
     parser.add_argument("--min-tokens", type=int, default=None,
                         help="model.prefix_cache_min_tokens for the caches-on run (default: the service's)")
     args = parser.parse_args()
+    announce_cpu()
 
     report = {}
     for label, budget in (("caches on", None), ("caches off", 0)):

@@ -28,6 +28,7 @@ import httpx
 
 from benchmarks.service import start_app, stop_app, wait_compiled
 from benchmarks.throughput import over_http
+from benchmarks import announce_cpu
 
 PEER_PORT = 8100
 
@@ -120,6 +121,7 @@ def main() -> None:
                         "step (measured once compiled); vLLM runs bfloat16, which it needs on a CPU")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args()
+    cpu = announce_cpu()
     levels = [int(c) for c in args.concurrency.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = build_checkpoint(args.preset, Path(tempfile.gettempdir()) / f"minicpm-peer-{args.preset}")
@@ -161,7 +163,7 @@ def main() -> None:
         print(f"service ({dtype}) / vLLM:", ", ".join(f"{k} = {v:.2f}" for k, v in ratio.items()))
     print("targets: single_stream_tokens_per_s >= 1.0, aggregate_16_streams >= 0.8, ttft_p50 <= 1.5")
     (args.out / f"peer-{args.preset}.json").write_text(json.dumps(
-        {"checkpoint": str(checkpoint), "tokens": args.tokens, "threads": args.threads, "vllm": peer, "service": ours,
+        {"cpu": cpu, "checkpoint": str(checkpoint), "tokens": args.tokens, "threads": args.threads, "vllm": peer, "service": ours,
          "serving_path": serving, "ratios": result, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
 
 

@@ -20,6 +20,7 @@ import yaml
 
 from benchmarks.service import start_app, stop_app
 from benchmarks.throughput import over_http
+from benchmarks import announce_cpu
 
 
 def main() -> None:
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--rounds", type=int, default=4, help="requests each client sends per level")
     args = parser.parse_args()
+    announce_cpu()
     app_args = yaml.safe_load(args.config.read_text())["applications"][0]["args"]
     url = start_app(app_args)
     try:

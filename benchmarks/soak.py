@@ -22,6 +22,7 @@ import httpx
 from PIL import Image
 
 from benchmarks.service import start_app
+from benchmarks import announce_cpu
 
 APP = "soak"
 
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=6)
     parser.add_argument("--checkpoint", default="preset:tiny")
     args = parser.parse_args()
+    announce_cpu()
 
     variant = {"model": {"checkpoint": args.checkpoint, "max_batch_size": 4},
                "deployment": {"num_replicas": 1, "max_queued_requests": 8, "ray_actor_options": {"num_cpus": 0.5}}}

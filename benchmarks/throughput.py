@@ -27,6 +27,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from benchmarks.service import start_app, stop_app
+from benchmarks import announce_cpu
 
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
 MIN_REQUESTS = 8  # per concurrency level, so that a median at concurrency 1 is not a median of two
@@ -203,6 +204,7 @@ def main() -> None:
                         "which the serving path (proxy, router, Ray) needs")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args()
+    cpu = announce_cpu()
     modes = args.batching.split(",")
     if set(modes) - {"continuous", "static"}:
         parser.error(f"--batching takes continuous and/or static, not {args.batching!r}")
@@ -240,7 +242,7 @@ def main() -> None:
         print(f"ratios ({mode}):", ", ".join(f"{k} = {v:.2f}" for k, v in values.items()))
     print("targets: http_single_stream_over_in_process >= 0.90, ttft_overhead_p50_ms <= 50, aggregate_8_over_1 >= 3")
 
-    results = {"checkpoint": checkpoint, "device": device, "tokens": args.tokens, "batch": args.batch,
+    results = {"cpu": cpu, "checkpoint": checkpoint, "device": device, "tokens": args.tokens, "batch": args.batch,
                "batch_wait_ms": args.batch_wait_ms, "threads": args.threads, "in_process": baseline,
                "in_process_before": before, "in_process_after": after, "engine_direct": direct, "service": service,
                "ratios": ratios, "time": time.strftime("%Y-%m-%d %H:%M:%S")}

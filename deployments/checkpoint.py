@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -47,12 +48,44 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+# Forces what `dtype: auto` believes of this CPU: "native" (as on AVX512-BF16 / AMX: bf16) or "emulated" (as on
+# AVX2-only CPUs: float32). Lets one machine check the other kind's behaviour (the tests do), or pin a fleet.
+CPU_BF16_ENV = "MINICPM_CPU_BF16"
+
+
 def cpu_has_native_bf16() -> bool:
+    """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX), unless MINICPM_CPU_BF16 says otherwise."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip().lower()
+    if forced in ("native", "emulated"):
+        return forced == "native"
+    if forced:
+        raise CheckpointError(f"{CPU_BF16_ENV} must be 'native' or 'emulated', not {forced!r}")
+    return bool(_bf16_flags())
+
+
+def _bf16_flags() -> list[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+        return []
+    return sorted({flag for flag in flags if flag in ("avx512_bf16", "amx_bf16", "amx_tile")})
+
+
+def cpu_kind() -> str:
+    """One line naming this CPU's kind for test and benchmark output: its model, its bf16 flags, and what
+    `dtype: auto` resolves to here (and whether MINICPM_CPU_BF16 forced it)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 "unknown CPU")
+    flags = _bf16_flags()
+    kind = "native bf16" if flags else "AVX2-class, bf16 emulated"
+    forced = os.environ.get(CPU_BF16_ENV)
+    auto = "bfloat16" if cpu_has_native_bf16() else "float32"
+    return (f"{model}, {os.cpu_count()} CPUs: {kind} ({', '.join(flags) or 'no avx512_bf16/amx'}); "
+            f"dtype auto -> {auto}" + (f" (forced by {CPU_BF16_ENV}={forced})" if forced else ""))
 
 
 def load(

@@ -17,3 +17,11 @@ def tiny_checkpoints() -> dict[str, Path]:
     from deployments.presets import ensure_preset
 
     return {variant: ensure_preset("tiny", variant) for variant in ("instruct", "thinking")}
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Which kind of CPU the run was on (printed with -q too): bf16 is native (AVX512-BF16 / AMX) or emulated,
+    and `dtype: auto` follows (tests/kinds.py says what that changes)."""
+    from deployments.checkpoint import cpu_kind
+
+    terminalreporter.write_line(f"CPU: {cpu_kind()}")

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.kinds import EXACT_DTYPE
 from tests.waiting import wait_until
 
 FULL_APP = "minicpm"
@@ -46,10 +47,12 @@ def _free_ports(count: int) -> list[int]:
 _HTTP_PORT, _METRICS_PORT, _DASHBOARD_PORT = _free_ports(3)
 
 
-def app_args(**overrides) -> dict:
+def app_args(dtype: str = EXACT_DTYPE, **overrides) -> dict:
     """AppArgs for tests: one replica per deployment, a small queue so overload is reachable."""
     variant = {
-        "model": {"checkpoint": "preset:tiny", "torch_threads": 1},
+        # float32: the HTTP tests compare answers with plain generate and seeds across requests
+        # (tests/kinds.py); the secure and fuzz apps run at `dtype: auto`, so the default path is served too.
+        "model": {"checkpoint": "preset:tiny", "torch_threads": 1, "dtype": dtype},
         "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5},
                        "max_ongoing_requests": 4, "max_queued_requests": 2,
                        # Long enough for the redeploy test's 3000-token stream on a busy CPU.
@@ -101,11 +104,11 @@ def serve_url(tiny_checkpoints, media_dir: Path, metrics_port: int) -> Iterator[
     serve.run(build_app(AppArgs.model_validate(app_args(thinking=None))), name=SINGLE_APP, route_prefix="/single")
     secure_router = {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
                      "api_key": SECURE_KEY, "max_body_bytes": 1024 * 1024}
-    serve.run(build_app(AppArgs.model_validate(app_args(thinking=None, router=secure_router))), name=SECURE_APP,
+    serve.run(build_app(AppArgs.model_validate(app_args("auto", thinking=None, router=secure_router))), name=SECURE_APP,
               route_prefix="/secure")
     fuzz_router = {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
                    "max_tokens_cap": 4, "default_max_tokens": 4}
-    serve.run(build_app(AppArgs.model_validate(app_args(thinking=None, router=fuzz_router))), name=FUZZ_APP,
+    serve.run(build_app(AppArgs.model_validate(app_args("auto", thinking=None, router=fuzz_router))), name=FUZZ_APP,
               route_prefix="/fuzz")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()

@@ -13,6 +13,7 @@ from deployments.engine import Engine
 from deployments.rows import Row
 from deployments.sampling import RowSampling
 from deployments.types import ChatMessage, GenerationRequest, SamplingParams
+from tests.kinds import EXACT_DTYPE  # these tests compare tokens exactly
 from tests.waiting import wait_until_async
 
 
@@ -20,18 +21,19 @@ from tests.waiting import wait_until_async
 def batched(tiny_checkpoints) -> Engine:
     # A long wait makes requests submitted together land in one batch, deterministically.
     return Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]),
-                              max_batch_size=8, batch_wait_ms=300))
+                              dtype=EXACT_DTYPE, max_batch_size=8, batch_wait_ms=300))
 
 
 @pytest.fixture(scope="module")
 def static(tiny_checkpoints) -> Engine:
     return Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]),
-                              max_batch_size=8, batch_wait_ms=300, continuous_batching=False))
+                              dtype=EXACT_DTYPE, max_batch_size=8, batch_wait_ms=300, continuous_batching=False))
 
 
 @pytest.fixture(scope="module")
 def one_at_a_time(tiny_checkpoints) -> Engine:
-    return Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), max_batch_size=1))
+    return Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), dtype=EXACT_DTYPE,
+                              max_batch_size=1))
 
 
 def requests() -> list[GenerationRequest]:

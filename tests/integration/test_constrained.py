@@ -15,6 +15,7 @@ from deployments.engine import Engine
 from deployments.errors import BadRequestError
 from deployments.tools import parse_tool_calls
 from deployments.types import ChatMessage, Chunk, Constraint, GenerationRequest, SamplingParams
+from tests.kinds import EXACT_DTYPE  # constrained rows are compared with unconstrained ones token by token
 
 ANSWER = {
     "type": "object",
@@ -39,7 +40,7 @@ TIME = {"name": "get_time", "parameters": {"type": "object", "properties": {"zon
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoints) -> Engine:
     return Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), max_batch_size=8,
-                              batch_wait_ms=200, torch_threads=1))
+                              batch_wait_ms=200, torch_threads=1, dtype=EXACT_DTYPE))
 
 
 def ask(constraint: Constraint | None, text: str = "Describe the sky", tools: list[dict] | None = None,

@@ -24,6 +24,7 @@ from deployments.config import ModelConfig
 from deployments.engine import Engine
 from deployments.errors import CheckpointError, ContextLengthError
 from deployments.types import ChatMessage, Chunk, GenerationRequest, SamplingParams, Video
+from tests.kinds import EXACT_DTYPE  # streamed text is compared with generate's exactly
 from tests.waiting import wait_until_async
 
 # ---------------------------------------------------------------------------- fixtures and helpers
@@ -37,7 +38,8 @@ pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 def engine_config(checkpoint, variant: str = "instruct", **overrides) -> ModelConfig:
-    return ModelConfig(variant=variant, checkpoint=str(checkpoint), torch_threads=THREADS, **overrides)
+    return ModelConfig(variant=variant, checkpoint=str(checkpoint), torch_threads=THREADS,
+                       **{"dtype": EXACT_DTYPE, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,14 @@ from deployments.config import ModelConfig
 from deployments.engine import Engine
 from deployments.errors import BadRequestError
 from deployments.types import ChatMessage, Chunk, GenerationRequest, SamplingParams
+from tests.kinds import EXACT_DTYPE  # n greedy sequences are compared with one exactly
 from tests.waiting import wait_until_async
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoints) -> Engine:
     return Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), max_batch_size=8,
-                              torch_threads=1))
+                              torch_threads=1, dtype=EXACT_DTYPE))
 
 
 def ask(*content, **sampling) -> GenerationRequest:

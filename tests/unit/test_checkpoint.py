@@ -1,12 +1,31 @@
-"""The bf16 linear layer for CPUs that emulate bf16: which weights each row count reads, and what it computes."""
+"""What `dtype: auto` makes of the CPU, and the bf16 linear layer for CPUs that emulate bf16: which weights each
+row count reads, and what it computes."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from deployments.checkpoint import RowAdaptiveLinear, _row_adaptive_linear_layers
+from deployments.checkpoint import (
+    CPU_BF16_ENV, RowAdaptiveLinear, _row_adaptive_linear_layers, cpu_has_native_bf16, cpu_kind, pick_dtype,
+)
+from deployments.errors import CheckpointError
 
 F = torch.nn.functional
+
+
+@pytest.mark.parametrize(("forced", "dtype"), [("native", torch.bfloat16), ("emulated", torch.float32)])
+def test_the_environment_forces_what_auto_makes_of_the_cpu(monkeypatch, forced, dtype):
+    monkeypatch.setenv(CPU_BF16_ENV, forced)
+    assert pick_dtype("auto", torch.device("cpu")) == dtype
+    assert pick_dtype("float32", torch.device("cpu")) == torch.float32  # an explicit dtype is never changed
+    assert f"dtype auto -> {dtype}".replace("torch.", "") in cpu_kind() and forced in cpu_kind()
+
+
+def test_a_misspelt_cpu_kind_is_refused_with_the_values_it_takes(monkeypatch):
+    monkeypatch.setenv(CPU_BF16_ENV, "amx")
+    with pytest.raises(CheckpointError, match="'native' or 'emulated'"):
+        cpu_has_native_bf16()
 
 
 def adaptive(out_features: int = 96, in_features: int = 64, bias: bool = True) -> RowAdaptiveLinear:

@@ -1,0 +1,12 @@
+"""What a test may compare exactly, whatever kind of CPU it runs on.
+
+Token identity (a greedy answer equal to plain `generate` or to the same request alone, a seed's draws
+whoever shares the batch) holds in float32 only. In bf16, which `dtype: auto` picks on a CPU with native
+bf16 (AVX512-BF16 / AMX) and on every GPU, a row's logits depend on how many rows its matrix products
+computed with (the kernels block and accumulate differently), and random weights give near-tied logits,
+so a greedy choice flips after a few tokens. Tests that assert identity pin `EXACT_DTYPE`; the bf16 paths
+are tested by the closeness of logits (tests/engine/test_bf16.py), under both kinds of CPU wherever they run
+(MINICPM_CPU_BF16 forces what `auto` believes of the CPU).
+"""
+
+EXACT_DTYPE = "float32"
