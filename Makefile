@@ -6,9 +6,17 @@ STAMP := $(VENV)/.installed
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: serve test bench bench-peer browser prometheus build-preset clean project-path
+.PHONY: serve test test-fast bench bench-peer browser prometheus compiler build-preset clean project-path python-check
 
-$(STAMP): requirements.txt requirements-test.txt
+# The pins (torch 2.14.1, torchvision 0.29.1 builds for CPython 3.11) need Python 3.11, and the venv needs
+# the venv module (Debian ships it apart, as python3-venv): say so before anything is installed.
+python-check:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' 2>/dev/null || { \
+		echo "error: this project needs Python 3.11 (found: $$($(PYTHON) --version 2>&1 | head -1)); run with PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+		echo "error: $(PYTHON) cannot make a virtual environment; install Debian's python3-venv (sudo apt-get install python3-venv)" >&2; exit 1; }
+
+$(STAMP): requirements.txt requirements-test.txt | python-check
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-test.txt
@@ -28,8 +36,19 @@ browser:  ## Debian's chromium for the browser tests (no browser download at tes
 prometheus:  ## Debian's prometheus, which the observability tests run against the test cluster
 	@command -v prometheus >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
 
-test: project-path browser prometheus  ## Run the whole test suite
+compiler:  ## A C++ compiler, which torch.compile (inductor) needs on a CPU (the compiled-step tests)
+	@command -v c++ >/dev/null || command -v g++ >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq g++; }
+
+# The browser and Prometheus serve only the end-to-end tier: a run that names only unit or engine tests
+# (PYTEST_ARGS="tests/unit -q") installs neither.
+ONLY_INNER := $(and $(filter tests/unit% tests/engine%,$(PYTEST_ARGS)),$(if $(filter tests tests/ tests/e2e%,$(PYTEST_ARGS)),,yes))
+SYSTEM_DEPS := $(if $(ONLY_INNER),,browser prometheus compiler)
+
+test: project-path $(SYSTEM_DEPS)  ## Run the whole test suite (unit, engine, end to end)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: project-path  ## The inner loop: unit and engine tiers (no Ray, no browser, no apt), in about 2 minutes
+	$(BIN)/python -m pytest tests/unit tests/engine -q $(PYTEST_ARGS)
 
 bench: project-path  ## Throughput benchmark: in-process generate vs the service over HTTP (see BENCHMARKS.md)
 	$(BIN)/python -m benchmarks.throughput $(BENCH_ARGS)

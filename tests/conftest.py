@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 # Set before anything imports the presets module or starts Ray, so Ray workers inherit it.
 os.environ.setdefault("MINICPM_PRESET_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "presets"))
+
+
+@pytest.fixture(scope="module")
+def restore_torch_threads() -> Iterator[None]:
+    """Engine(torch_threads=...) sets a process-wide value: a module of in-process engines gives the
+    modules after it theirs back (`pytestmark = pytest.mark.usefixtures("restore_torch_threads")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

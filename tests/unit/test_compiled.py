@@ -1,5 +1,5 @@
 """DecodeStep's switching between its compiled graphs and the eager step, with fake steps (the real
-compiled step on the real model: tests/integration/test_compiled.py)."""
+compiled step on the real model: tests/engine/test_compiled.py)."""
 
 from __future__ import annotations
 

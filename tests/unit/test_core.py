@@ -1,4 +1,4 @@
-"""The engine core's failure handling, driven by a fake text tower (the real model is in tests/integration):
+"""The engine core's failure handling, driven by a fake text tower (the real model is in tests/engine):
 a failing decode forward ends the rows it ran, a failure while joining ends only the newcomers, and the
 loop keeps serving either way."""
 

@@ -39,7 +39,7 @@ from deployments.schemas import ImagePart, VideoPart
 MiB = 1024 * 1024
 RED, BLUE = (220, 20, 20), (20, 20, 220)
 
-# ---- media made in memory (also imported by tests/integration/test_media_http.py) ----
+# ---- media made in memory (also imported by tests/e2e/test_media_http.py) ----
 
 
 def image_bytes(fmt: str, size: tuple[int, int] = (40, 20), color=RED, mode: str = "RGB", **save) -> bytes:

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import FULL_APP, chat_turns
-from tests.integration.test_service import CHAT, HELLO
+from tests.e2e.conftest import FULL_APP, chat_turns
+from tests.e2e.test_service import CHAT, HELLO
 from tests.waiting import wait_until
 
 _SAMPLE = re.compile(r'^(\w+)\{(.*)\} ([0-9.eE+-]+)$')
@@ -188,7 +188,7 @@ def test_any_request_id_is_used_as_sent_in_header_and_body_alike(client, sent):
 
 
 def test_with_json_encoding_every_log_line_parses_and_the_request_id_is_on_its_lines(serve_url):
-    from tests.integration.conftest import app_args, temporary_app
+    from tests.e2e.conftest import app_args, temporary_app
 
     args = app_args(thinking=None, router={"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}})
     args["instruct"]["deployment"] = {**args["instruct"]["deployment"], "ray_actor_options": {"num_cpus": 0.2}}

@@ -11,10 +11,10 @@ import torch
 
 from deployments import checkpoint
 from deployments.presets import ensure_preset
-from tests.integration.conftest import SINGLE_APP, process_info
-from tests.integration.test_hostile import answered
-from tests.integration.test_reliability import wait_idle
-from tests.integration.test_service import CHAT
+from tests.e2e.conftest import SINGLE_APP, process_info
+from tests.e2e.test_hostile import answered
+from tests.e2e.test_reliability import wait_idle
+from tests.e2e.test_service import CHAT
 
 PROMPTS = ["Tell me about rivers", "What is a prime number?", "Write a haiku about snow", "Name three birds",
            "Explain tides briefly", "Why is the sky blue?"]

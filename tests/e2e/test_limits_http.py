@@ -21,9 +21,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from tests.integration.conftest import process_info, temporary_app
-from tests.integration.test_media_http import image, text, video
-from tests.integration.test_service import CHAT, HELLO, rejected_count
+from tests.e2e.conftest import process_info, temporary_app
+from tests.e2e.test_media_http import image, text, video
+from tests.e2e.test_service import CHAT, HELLO, rejected_count
 from tests.unit.test_media import data_url, image_bytes, solid_png, video_bytes
 from tests.waiting import wait_until
 

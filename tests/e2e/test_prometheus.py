@@ -16,9 +16,9 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.conftest import chat_turns
-from tests.integration.test_observability import png_data_url
-from tests.integration.test_service import CHAT, HELLO
+from tests.e2e.conftest import chat_turns
+from tests.e2e.test_observability import png_data_url
+from tests.e2e.test_service import CHAT, HELLO
 from tests.waiting import wait_until
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "observability" / "grafana-dashboard.json"

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.integration.conftest import FULL_APP, SINGLE_APP, process_info, running_generations
-from tests.integration.test_service import CHAT, HELLO
+from tests.e2e.conftest import FULL_APP, SINGLE_APP, process_info, running_generations
+from tests.e2e.test_service import CHAT, HELLO
 from tests.waiting import wait_until
 
 
@@ -124,7 +124,7 @@ def test_redeploy_lets_an_in_flight_stream_finish(serve_url):
 
     from deployments.config import AppArgs
     from serve_app import build_app
-    from tests.integration.conftest import app_args
+    from tests.e2e.conftest import app_args
 
     result: dict = {}
     generating = threading.Event()

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import FULL_APP, SINGLE_APP, one_cancellation, running_generations
+from tests.e2e.conftest import FULL_APP, SINGLE_APP, one_cancellation, running_generations
 from tests.waiting import wait_until
 
 CHAT = "/v1/chat/completions"

@@ -14,8 +14,8 @@ from PIL import Image, PngImagePlugin
 
 import httpx
 
-from tests.integration.conftest import SECURE_KEY, SINGLE_APP, one_cancellation, running_generations
-from tests.integration.test_service import CHAT
+from tests.e2e.conftest import SECURE_KEY, SINGLE_APP, one_cancellation, running_generations
+from tests.e2e.test_service import CHAT
 
 KEY = {"Authorization": f"Bearer {SECURE_KEY}"}
 

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.integration.conftest import FULL_APP, app_args, chat_turns, process_info, temporary_app
-from tests.integration.test_observability import scrape, value
+from tests.e2e.conftest import FULL_APP, app_args, chat_turns, process_info, temporary_app
+from tests.e2e.test_observability import scrape, value
 from tests.waiting import wait_until
 
 

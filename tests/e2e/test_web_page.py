@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import FULL_APP, one_cancellation, running_generations
+from tests.e2e.conftest import FULL_APP, one_cancellation, running_generations
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parents[2] / ".artifacts"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
@@ -19,17 +20,6 @@ SINGLE_APP = "single"
 SECURE_APP = "secure"
 SECURE_KEY = "test-key-123"
 FUZZ_APP = "fuzz"
-
-
-@pytest.fixture(scope="module")
-def restore_torch_threads() -> Iterator[None]:
-    """Engine(torch_threads=...) sets a process-wide value: a module of in-process engines gives the
-    modules after it theirs back (`pytestmark = pytest.mark.usefixtures("restore_torch_threads")`)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _free_ports(count: int) -> list[int]:
@@ -94,7 +84,10 @@ def serve_url(tiny_checkpoints, media_dir: Path, metrics_port: int) -> Iterator[
 
     port = _HTTP_PORT
     # The dashboard writes Prometheus' service-discovery file (test_prometheus.py scrapes through it).
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_port=_DASHBOARD_PORT, log_to_driver=False,
+    # A cluster of the tests' own, whatever runs here: the README's multi-machine section starts one, and
+    # RAY_ADDRESS (or a running cluster) would otherwise make ray.init join it and refuse num_cpus.
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_port=_DASHBOARD_PORT, log_to_driver=False,
              _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 1000})  # metrics visible within ~1 s
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -5,9 +5,9 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.integration.conftest import SECURE_KEY
-from tests.integration.test_service import CHAT, HELLO
-from tests.integration.test_web_page import browser, send, wait_done  # noqa: F401 (fixture)
+from tests.e2e.conftest import SECURE_KEY
+from tests.e2e.test_service import CHAT, HELLO
+from tests.e2e.test_web_page import browser, send, wait_done  # noqa: F401 (fixture)
 
 KEY = {"Authorization": f"Bearer {SECURE_KEY}"}
 
