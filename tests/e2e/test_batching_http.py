@@ -12,6 +12,7 @@ import torch
 from deployments import checkpoint
 from deployments.presets import ensure_preset
 from tests.e2e.conftest import SINGLE_APP, process_info
+from tests.kinds import EXACT_DTYPE
 from tests.e2e.test_hostile import answered
 from tests.e2e.test_reliability import wait_idle
 from tests.e2e.test_service import CHAT
@@ -24,7 +25,8 @@ TOKENS = 24
 @pytest.fixture(scope="module")
 def reference() -> list[str]:
     """Each prompt alone through the processor and `model.generate`, greedy, one thread (as the replica)."""
-    processor, model = checkpoint.load(str(ensure_preset("tiny", "instruct")), "instruct", "auto", "cpu")
+    # The dtype of the replica it is compared with, token for token (tests/kinds.py).
+    processor, model = checkpoint.load(str(ensure_preset("tiny", "instruct")), "instruct", EXACT_DTYPE, "cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
