@@ -23,7 +23,7 @@ $(STAMP): requirements.txt requirements-test.txt | python-check
 	touch $(STAMP)
 
 # The project on the venv's import path (a .pth file): Ray Serve's CLI (`serve status`, `serve shutdown`)
-# imports a deployment's request router (deployments/affinity.py) by name, from whatever directory it runs in.
+# imports a deployment's request router (deployments/replica/affinity.py) by name, from whatever directory it runs in.
 project-path: $(STAMP)
 	@$(BIN)/python -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "minicpm-serve.pth").write_text(str(pathlib.Path.cwd()) + "\n")'
 
@@ -68,7 +68,7 @@ bench-peer: $(STAMP) $(PEER)/.installed  ## vLLM's CPU build and the service on 
 	$(BIN)/python -m benchmarks.peer --peer-python $(PEER)/bin/python $(BENCH_ARGS)
 
 build-preset: $(STAMP)  ## Build a random-weight preset: make build-preset PRESET=small VARIANT=thinking OUT=checkpoints/small-thinking
-	$(BIN)/python -m deployments.presets build $(PRESET) --variant $(VARIANT) --out $(OUT)
+	$(BIN)/python -m deployments.engine.presets build $(PRESET) --variant $(VARIANT) --out $(OUT)
 
 clean:
 	rm -rf $(VENV) $(PEER) .pytest_cache

@@ -7,9 +7,9 @@ signature to validate the YAML into `AppArgs`.
 
 from ray.serve import Application
 
-from deployments.config import AppArgs
-from deployments.model import ModelDeployment
-from deployments.router import Router
+from deployments.common.config import AppArgs
+from deployments.replica.deployment import ModelDeployment
+from deployments.ingress.router import Router
 
 
 def build_app(args: AppArgs) -> Application:

@@ -21,10 +21,10 @@ import time
 
 import jsonschema
 
-from deployments.config import ModelConfig
-from deployments.engine import Engine
-from deployments.grammar import Masker
-from deployments.types import ChatMessage, Constraint, GenerationRequest, SamplingParams
+from deployments.common.config import ModelConfig
+from deployments.engine.engine import Engine
+from deployments.engine.grammar import Masker
+from deployments.common.types import ChatMessage, Constraint, GenerationRequest, SamplingParams
 from benchmarks import announce_cpu
 
 SCHEMA = {"type": "object", "properties": {

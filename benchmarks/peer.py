@@ -5,7 +5,7 @@
 
 vLLM is a yardstick here, never a dependency of the service: it lives in a venv of its own (see
 the Makefile's `bench-peer`). Both servers get the same `small` preset checkpoint (built with
-`python -m deployments.presets build`), and the same streaming client (greedy, exactly
+`python -m deployments.engine.presets build`), and the same streaming client (greedy, exactly
 `--tokens` tokens, one keep-alive httpx pool) measures each at every concurrency, one server
 after the other. It prints both and the ratios the engine targets are stated in, and writes
 `bench-results/peer-<preset>.json`.
@@ -35,7 +35,7 @@ PEER_PORT = 8100
 
 def build_checkpoint(preset: str, out: Path) -> Path:
     if not (out / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "deployments.presets", "build", preset, "--variant", "instruct",
+        subprocess.run([sys.executable, "-m", "deployments.engine.presets", "build", preset, "--variant", "instruct",
                         "--out", str(out)], check=True)
     return out
 

@@ -18,7 +18,7 @@ def start_app(args: dict, name: str = "bench") -> str:
     import ray
     from ray import serve
 
-    from deployments.config import AppArgs
+    from deployments.common.config import AppArgs
     from serve_app import build_app
 
     if _url is None:

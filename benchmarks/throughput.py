@@ -49,7 +49,7 @@ class _FirstToken(BaseStreamer):
 
 def in_process(checkpoint: str, tokens: int, runs: int, threads: int) -> dict:
     """Plain transformers: processor + generate, greedy, exactly `tokens` new tokens."""
-    from deployments import checkpoint as ckpt
+    from deployments.engine import checkpoint as ckpt
 
     torch.set_num_threads(threads)
     processor, model = ckpt.load(checkpoint, "instruct")
@@ -72,9 +72,9 @@ def in_process(checkpoint: str, tokens: int, runs: int, threads: int) -> dict:
 async def engine_direct(checkpoint: str, tokens: int, concurrency: list[int], batch: int, batch_wait_ms: float,
                         threads: int) -> list[dict]:
     """The replica's engine without Ray or HTTP: isolates batching from the serving path."""
-    from deployments.config import ModelConfig
-    from deployments.engine import Engine
-    from deployments.types import ChatMessage, GenerationRequest, SamplingParams
+    from deployments.common.config import ModelConfig
+    from deployments.engine.engine import Engine
+    from deployments.common.types import ChatMessage, GenerationRequest, SamplingParams
 
     engine = Engine(ModelConfig(variant="instruct", checkpoint=checkpoint, max_batch_size=batch,
                                 batch_wait_ms=batch_wait_ms, torch_threads=threads, max_model_len=32768))

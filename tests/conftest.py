@@ -26,7 +26,7 @@ def restore_torch_threads() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def tiny_checkpoints() -> dict[str, Path]:
     """Directories of the `tiny` preset for both variants (built on first use, then cached)."""
-    from deployments.presets import ensure_preset
+    from deployments.engine.presets import ensure_preset
 
     return {variant: ensure_preset("tiny", variant) for variant in ("instruct", "thinking")}
 
@@ -34,6 +34,6 @@ def tiny_checkpoints() -> dict[str, Path]:
 def pytest_terminal_summary(terminalreporter) -> None:
     """Which kind of CPU the run was on (printed with -q too): bf16 is native (AVX512-BF16 / AMX) or emulated,
     and `dtype: auto` follows (tests/kinds.py says what that changes)."""
-    from deployments.checkpoint import cpu_kind
+    from deployments.engine.checkpoint import cpu_kind
 
     terminalreporter.write_line(f"CPU: {cpu_kind()}")

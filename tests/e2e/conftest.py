@@ -79,7 +79,7 @@ def serve_url(tiny_checkpoints, media_dir: Path, metrics_port: int) -> Iterator[
     import ray
     from ray import serve
 
-    from deployments.config import AppArgs
+    from deployments.common.config import AppArgs
     from serve_app import build_app
 
     port = _HTTP_PORT
@@ -114,7 +114,7 @@ def temporary_app(name: str, route_prefix: str, args: dict, **run_options) -> It
     3.5 of the cluster's 4 CPUs: give its deployments small `num_cpus`."""
     from ray import serve
 
-    from deployments.config import AppArgs
+    from deployments.common.config import AppArgs
     from serve_app import build_app
 
     serve.run(build_app(AppArgs.model_validate(args)), name=name, route_prefix=route_prefix, **run_options)

@@ -9,8 +9,8 @@ import httpx
 import pytest
 import torch
 
-from deployments import checkpoint
-from deployments.presets import ensure_preset
+from deployments.engine import checkpoint
+from deployments.engine.presets import ensure_preset
 from tests.e2e.conftest import SINGLE_APP, process_info
 from tests.kinds import EXACT_DTYPE
 from tests.e2e.test_hostile import answered

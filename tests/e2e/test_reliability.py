@@ -122,7 +122,7 @@ def test_killed_replica_ends_streams_with_an_error_event_and_is_replaced(serve_u
 def test_redeploy_lets_an_in_flight_stream_finish(serve_url):
     from ray import serve
 
-    from deployments.config import AppArgs
+    from deployments.common.config import AppArgs
     from serve_app import build_app
     from tests.e2e.conftest import app_args
 

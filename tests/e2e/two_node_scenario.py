@@ -16,7 +16,7 @@ import ray
 from ray import serve
 from ray.cluster_utils import Cluster
 
-from deployments.config import AppArgs
+from deployments.common.config import AppArgs
 from serve_app import build_app
 
 BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}

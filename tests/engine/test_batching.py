@@ -8,11 +8,11 @@ import asyncio
 import pytest
 from PIL import Image
 
-from deployments.config import ModelConfig
-from deployments.engine import Engine
-from deployments.rows import Row
-from deployments.sampling import RowSampling
-from deployments.types import ChatMessage, GenerationRequest, SamplingParams
+from deployments.common.config import ModelConfig
+from deployments.engine.engine import Engine
+from deployments.engine.rows import Row
+from deployments.engine.sampling import RowSampling
+from deployments.common.types import ChatMessage, GenerationRequest, SamplingParams
 from tests.kinds import EXACT_DTYPE  # these tests compare tokens exactly
 from tests.waiting import wait_until_async
 

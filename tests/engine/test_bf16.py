@@ -14,10 +14,10 @@ import asyncio
 import pytest
 import torch
 
-from deployments.checkpoint import CPU_BF16_ENV, RowAdaptiveLinear, cpu_kind
-from deployments.config import ModelConfig
-from deployments.engine import Engine
-from deployments.types import ChatMessage, GenerationRequest, SamplingParams
+from deployments.engine.checkpoint import CPU_BF16_ENV, RowAdaptiveLinear, cpu_kind
+from deployments.common.config import ModelConfig
+from deployments.engine.engine import Engine
+from deployments.common.types import ChatMessage, GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from transformers.cache_utils import DynamicCache
 
-from deployments import reuse
-from deployments.config import ModelConfig
-from deployments.digest import stamp_video
-from deployments.engine import Engine
-from deployments.types import ChatMessage, GenerationRequest, SamplingParams, Video
+from deployments.engine import reuse
+from deployments.common.config import ModelConfig
+from deployments.common.digest import stamp_video
+from deployments.engine.engine import Engine
+from deployments.common.types import ChatMessage, GenerationRequest, SamplingParams, Video
 from tests.kinds import EXACT_DTYPE  # greedy output with caches must equal output without
 from tests.waiting import wait_until_async
 

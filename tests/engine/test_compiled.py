@@ -19,12 +19,12 @@ import torch
 from torch._dynamo.utils import counters
 from transformers.cache_utils import DynamicCache
 
-from deployments import checkpoint
-from deployments.compiled import SUFFIX_MAX, CompiledForward, DecodeStep
-from deployments.config import ModelConfig
-from deployments.engine import Engine
-from deployments.slots import SlotCache
-from deployments.types import ChatMessage, GenerationRequest, SamplingParams
+from deployments.engine import checkpoint
+from deployments.engine.compiled import SUFFIX_MAX, CompiledForward, DecodeStep
+from deployments.common.config import ModelConfig
+from deployments.engine.engine import Engine
+from deployments.engine.slots import SlotCache
+from deployments.common.types import ChatMessage, GenerationRequest, SamplingParams
 from tests.waiting import wait_until_async
 
 # Inductor compiles C++ on a CPU: without a compiler these tests say so instead of failing deep inside

@@ -10,11 +10,11 @@ import json
 import jsonschema
 import pytest
 
-from deployments.config import ModelConfig
-from deployments.engine import Engine
-from deployments.errors import BadRequestError
-from deployments.tools import parse_tool_calls
-from deployments.types import ChatMessage, Chunk, Constraint, GenerationRequest, SamplingParams
+from deployments.common.config import ModelConfig
+from deployments.engine.engine import Engine
+from deployments.common.errors import BadRequestError
+from deployments.ingress.tools import parse_tool_calls
+from deployments.common.types import ChatMessage, Chunk, Constraint, GenerationRequest, SamplingParams
 from tests.kinds import EXACT_DTYPE  # constrained rows are compared with unconstrained ones token by token
 
 ANSWER = {

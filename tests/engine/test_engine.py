@@ -1,6 +1,6 @@
 """The real Engine on the built-in tiny checkpoints: loading, prompt rendering and streaming generation.
 
-Nothing here is mocked: each test runs `deployments.engine.Engine` with the real transformers
+Nothing here is mocked: each test runs `deployments.engine.engine.Engine` with the real transformers
 model and processor. Token counts are observed with a forward hook on the model (one forward
 per generated token), which watches the model without changing it.
 """
@@ -19,11 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from deployments.checkpoint import RowAdaptiveLinear, cpu_has_native_bf16
-from deployments.config import ModelConfig
-from deployments.engine import Engine
-from deployments.errors import CheckpointError, ContextLengthError
-from deployments.types import ChatMessage, Chunk, GenerationRequest, SamplingParams, Video
+from deployments.engine.checkpoint import RowAdaptiveLinear, cpu_has_native_bf16
+from deployments.common.config import ModelConfig
+from deployments.engine.engine import Engine
+from deployments.common.errors import CheckpointError, ContextLengthError
+from deployments.common.types import ChatMessage, Chunk, GenerationRequest, SamplingParams, Video
 from tests.kinds import EXACT_DTYPE  # streamed text is compared with generate's exactly
 from tests.waiting import wait_until_async
 

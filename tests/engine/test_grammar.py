@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from deployments.grammar import Grammars, InvalidGrammarError, Masker
-from deployments.rows import Row
-from deployments.sampling import RowSampling
-from deployments.types import Constraint
+from deployments.common.errors import InvalidGrammarError
+from deployments.engine.grammar import Grammars, Masker
+from deployments.engine.rows import Row
+from deployments.engine.sampling import RowSampling
+from deployments.common.types import Constraint
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
           "additionalProperties": False}

@@ -10,9 +10,9 @@ from jinja2.exceptions import TemplateError
 from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, MiniCPMV4_6ForConditionalGeneration
 
-from deployments.errors import CheckpointError
-from deployments.presets import PRESETS, chat_template, ensure_preset, model_config
-from deployments.presets.tokenizer import SPECIAL_TOKENS, THINK_TOKENS, synthetic_corpus
+from deployments.common.errors import CheckpointError
+from deployments.engine.presets import PRESETS, chat_template, ensure_preset, model_config
+from deployments.engine.presets.tokenizer import SPECIAL_TOKENS, THINK_TOKENS, synthetic_corpus
 
 VARIANTS = ("instruct", "thinking")
 

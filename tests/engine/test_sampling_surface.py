@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from deployments.config import ModelConfig
-from deployments.engine import Engine
-from deployments.errors import BadRequestError
-from deployments.types import ChatMessage, Chunk, GenerationRequest, SamplingParams
+from deployments.common.config import ModelConfig
+from deployments.engine.engine import Engine
+from deployments.common.errors import BadRequestError
+from deployments.common.types import ChatMessage, Chunk, GenerationRequest, SamplingParams
 from tests.kinds import EXACT_DTYPE  # n greedy sequences are compared with one exactly
 from tests.waiting import wait_until_async
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from deployments.textstream import IncrementalDetokenizer, ReasoningSplitter, StopMatcher
+from deployments.engine.textstream import IncrementalDetokenizer, ReasoningSplitter, StopMatcher
 
 # Multi-byte UTF-8 (CJK: 3 bytes, emoji: 4 bytes, ZWJ sequences, a skin-tone modifier), which
 # byte-level BPE splits into tokens that are partial characters.

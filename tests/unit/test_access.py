@@ -8,8 +8,8 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from deployments.access import AccessMiddleware, AccessPolicy
-from deployments.errors import PayloadTooLargeError
+from deployments.ingress.access import AccessMiddleware, AccessPolicy
+from deployments.common.errors import PayloadTooLargeError
 
 
 def make_client(api_key=None, api_key_env=None, cors_origins=(), max_body_bytes=None) -> httpx.AsyncClient:

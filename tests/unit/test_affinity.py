@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from deployments.affinity import home_order
-from deployments.protocol import affinity
-from deployments.schemas import ChatCompletionRequest
+from deployments.replica.affinity import home_order
+from deployments.ingress.protocol import affinity
+from deployments.ingress.schemas import ChatCompletionRequest
 
 REPLICAS = ["a1b2", "c3d4", "e5f6"]
 
@@ -52,7 +52,7 @@ def test_without_a_key_both_of_two_replicas_get_requests():
     """Serve takes the first of equally loaded candidates: the order must be random, not the list's."""
     import asyncio
 
-    from deployments.affinity import ChatAffinityRouter
+    from deployments.replica.affinity import ChatAffinityRouter
 
     router = ChatAffinityRouter.__new__(ChatAffinityRouter)  # choose_replicas reads no router state without a key
     replicas = ["first", "second"]
@@ -64,7 +64,7 @@ def test_a_keyed_request_goes_home_first_unless_home_has_a_full_batch():
     import asyncio
     from types import SimpleNamespace
 
-    from deployments.affinity import ChatAffinityRouter
+    from deployments.replica.affinity import ChatAffinityRouter
 
     from collections import namedtuple
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deployments.checkpoint import (
+from deployments.engine.checkpoint import (
     CPU_BF16_ENV, RowAdaptiveLinear, _row_adaptive_linear_layers, cpu_has_native_bf16, cpu_kind, pick_dtype,
 )
-from deployments.errors import CheckpointError
+from deployments.common.errors import CheckpointError
 
 F = torch.nn.functional
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deployments.compiled import DecodeStep, SuffixForward
+from deployments.engine.compiled import DecodeStep, SuffixForward
 
 
 def step_with(compiled) -> DecodeStep:

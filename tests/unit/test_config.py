@@ -10,7 +10,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from deployments.config import AppArgs, DeploymentOptions
+from deployments.common.config import AppArgs, DeploymentOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,7 +66,7 @@ def test_deployment_without_replica_settings_gets_one_replica():
 
 
 def test_queue_sizes_follow_the_batch_size_unless_set():
-    from deployments.config import VariantArgs
+    from deployments.common.config import VariantArgs
 
     derived = VariantArgs.model_validate({"model": {"max_batch_size": 6},
                                           "deployment": {"autoscaling_config": {"max_replicas": 3}}}).serve_options()
@@ -78,11 +78,11 @@ def test_queue_sizes_follow_the_batch_size_unless_set():
 
 
 def test_model_deployments_route_by_chat_affinity_unless_turned_off():
-    from deployments.config import VariantArgs
+    from deployments.common.config import VariantArgs
 
     scaled = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}
     options = VariantArgs.model_validate({"model": {"max_batch_size": 6}, "deployment": scaled}).serve_options()
-    assert options["request_router_config"] == {"request_router_class": "deployments.affinity:ChatAffinityRouter",
+    assert options["request_router_config"] == {"request_router_class": "deployments.replica.affinity:ChatAffinityRouter",
                                                 "request_router_kwargs": {"busy_requests": 6}}
     assert "request_router_config" in VariantArgs.model_validate({"deployment": {"num_replicas": 2}}).serve_options()
     assert "request_router_config" not in VariantArgs.model_validate(
@@ -93,14 +93,14 @@ def test_model_deployments_route_by_chat_affinity_unless_turned_off():
 
 def test_the_venv_makes_the_request_router_importable_from_any_directory(tmp_path):
     """`serve status` / `serve shutdown` (console scripts, run from anywhere) import it by name."""
-    code = "import deployments.affinity"
+    code = "import deployments.replica.affinity"
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
 def test_router_accepts_many_streams_unless_told_otherwise_and_serve_leaves_it_room_to_refuse():
-    from deployments.config import ROUTER_HEADROOM, RouterArgs
+    from deployments.common.config import ROUTER_HEADROOM, RouterArgs
 
     assert RouterArgs().max_ongoing_chats == 256
     assert RouterArgs().serve_options()["max_ongoing_requests"] == 256 + ROUTER_HEADROOM
@@ -109,7 +109,7 @@ def test_router_accepts_many_streams_unless_told_otherwise_and_serve_leaves_it_r
 
 
 def test_a_zero_length_queue_is_refused_in_the_config_not_by_serve_at_deploy_time():
-    from deployments.config import DeploymentOptions
+    from deployments.common.config import DeploymentOptions
 
     with pytest.raises(ValueError, match="at least 1"):
         DeploymentOptions(max_queued_requests=0)
@@ -117,6 +117,6 @@ def test_a_zero_length_queue_is_refused_in_the_config_not_by_serve_at_deploy_tim
 
 
 def test_the_router_side_of_the_app_imports_neither_torch_nor_transformers():
-    code = ("import sys, serve_app, deployments.router; "
+    code = ("import sys, serve_app, deployments.ingress.router; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import Qwen3_5TextConfig
 
-from deployments.core import EngineCore
-from deployments.rows import Row
-from deployments.sampling import RowSampling
+from deployments.engine.core import EngineCore
+from deployments.engine.rows import Row
+from deployments.engine.sampling import RowSampling
 
 HIDDEN, VOCAB = 4, 16
 CONFIG = Qwen3_5TextConfig(hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,

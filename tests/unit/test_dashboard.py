@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from deployments import metrics
+from deployments.common import metrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "observability" / "grafana-dashboard.json"
 

@@ -8,9 +8,9 @@ import pickle
 import numpy as np
 from PIL import Image
 
-from deployments.digest import image_digest, stamp_image, stamp_video
-from deployments.handoff import MediaMissing, MediaStore, SentMedia
-from deployments.types import ChatMessage, GenerationRequest, MediaRef, Video
+from deployments.common.digest import image_digest, stamp_image, stamp_video
+from deployments.common.handoff import MediaMissing, MediaStore, SentMedia
+from deployments.common.types import ChatMessage, GenerationRequest, MediaRef, Video
 
 
 def _image(shade: int, size=(40, 30)) -> Image.Image:

@@ -1,4 +1,4 @@
-"""Fetching and decoding images and videos (deployments/media.py), without Ray.
+"""Fetching and decoding images and videos (deployments/ingress/media.py), without Ray.
 
 Media is made in memory (Pillow for images, PyAV for videos); remote fetching is exercised
 against a real aiohttp server on 127.0.0.1 started by the tests.
@@ -21,10 +21,10 @@ import pytest
 from aiohttp import web
 from PIL import Image, ImageFile
 
-from deployments import media
-from deployments.config import MediaConfig
-from deployments.errors import PayloadTooLargeError
-from deployments.media import (
+from deployments.ingress import media
+from deployments.common.config import MediaConfig
+from deployments.common.errors import PayloadTooLargeError
+from deployments.ingress.media import (
     MediaError,
     MediaLoader,
     MediaRefusedError,
@@ -34,7 +34,7 @@ from deployments.media import (
     read_data_url,
     read_local,
 )
-from deployments.schemas import ImagePart, VideoPart
+from deployments.ingress.schemas import ImagePart, VideoPart
 
 MiB = 1024 * 1024
 RED, BLUE = (220, 20, 20), (20, 20, 220)
@@ -547,7 +547,7 @@ async def test_loader_clamps_requested_fps_and_max_frames_to_the_server_caps():
 
 
 async def test_a_resent_data_url_is_decoded_once_within_the_ttl_and_per_options(monkeypatch):
-    from deployments import media as media_module
+    from deployments.ingress import media as media_module
 
     decoded = []
     real = media_module.decode_image
@@ -576,7 +576,7 @@ async def test_the_decoded_cache_expires_and_can_be_off():
 
 
 def test_a_file_that_crashes_decord_costs_a_worker_not_the_process():
-    from deployments.media import VideoDecoder
+    from deployments.ingress.media import VideoDecoder
 
     decoder = VideoDecoder(workers=1)
     crashing = (Path(__file__).resolve().parents[1] / "data" / "decord-crash.avi").read_bytes()
@@ -607,7 +607,7 @@ async def test_the_videos_of_one_request_share_the_decoded_bytes_budget():
 def test_a_decoded_image_carries_the_digest_of_its_pixels_whatever_its_metadata_says():
     from PIL import PngImagePlugin
 
-    from deployments.digest import DIGEST_KEY, image_digest, stamp_image
+    from deployments.common.digest import DIGEST_KEY, image_digest, stamp_image
 
     text = PngImagePlugin.PngInfo()
     text.add_text(DIGEST_KEY, "forged")

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from deployments.config import ModelConfig, RouterArgs
-from deployments.errors import BadRequestError, ModelNotFoundError, UnsupportedParameterError
-from deployments.protocol import CompletionStream, choose_variant, collect, to_generation_request
-from deployments.schemas import ChatCompletionRequest
-from deployments.types import Chunk, Usage
+from deployments.common.config import ModelConfig, RouterArgs
+from deployments.common.errors import BadRequestError, ModelNotFoundError, UnsupportedParameterError
+from deployments.ingress.protocol import CompletionStream, choose_variant, collect, to_generation_request
+from deployments.ingress.schemas import ChatCompletionRequest
+from deployments.common.types import Chunk, Usage
 
 BOTH = {v: ModelConfig(variant=v) for v in ("instruct", "thinking")}
 ONLY_INSTRUCT = {"instruct": ModelConfig(variant="instruct")}

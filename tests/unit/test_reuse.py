@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from deployments.lru import ByteLRU
-from deployments.reuse import SpecialIds, layout
-from deployments.types import Video
+from deployments.common.lru import ByteLRU
+from deployments.engine.reuse import SpecialIds, layout
+from deployments.common.types import Video
 
 SPECIAL = SpecialIds(turn_end=9, media_start=7, image=5, video=6)
 SLICE = 8  # a slice marker: not the media start, so a run after it continues the image before
@@ -108,7 +108,7 @@ def test_a_zero_budget_stores_nothing():
 
 
 def test_a_prompt_is_stored_when_it_adds_media_or_enough_tokens_or_resumed_from_a_snapshot():
-    from deployments.reuse import PrefixCache
+    from deployments.engine.reuse import PrefixCache
 
     cache = PrefixCache(budget=1 << 20, min_tokens=8)
     with_media = layout(IDS, SPECIAL, [picture(1)], [clip(2)], "ns")
@@ -123,7 +123,7 @@ def test_a_prompt_is_stored_when_it_adds_media_or_enough_tokens_or_resumed_from_
 
 
 def test_without_every_turn_a_resumed_prompt_needs_enough_new_tokens():
-    from deployments.reuse import PrefixCache
+    from deployments.engine.reuse import PrefixCache
 
     text = layout([1] * 6 + [9] + [2] * 6 + [9, 3], SPECIAL, [], [], "ns")
     cache = PrefixCache(budget=1 << 20, min_tokens=8, every_turn=False)
@@ -134,7 +134,7 @@ def test_without_every_turn_a_resumed_prompt_needs_enough_new_tokens():
 def test_the_longest_stored_prefix_before_a_position_and_whether_a_chat_is_held():
     import torch
 
-    from deployments.reuse import PrefixCache, Snapshot
+    from deployments.engine.reuse import PrefixCache, Snapshot
 
     chat = layout([1] * 3 + [9] + [2] * 3 + [9] + [4] * 3 + [9, 3], SPECIAL, [], [], "ns")
     (first, first_key), (second, second_key), (third, third_key) = chat.boundaries

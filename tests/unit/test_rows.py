@@ -8,8 +8,8 @@ import asyncio
 import pytest
 import torch
 
-from deployments.rows import Row, deliver, merge_inputs
-from deployments.sampling import RowSampling
+from deployments.engine.rows import Row, deliver, merge_inputs
+from deployments.engine.sampling import RowSampling
 
 
 def row(max_tokens: int = 10, min_tokens: int = 0, deadline: float | None = None) -> Row:

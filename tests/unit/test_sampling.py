@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployments.sampling import BatchParams, RowSampling, sample
+from deployments.engine.sampling import BatchParams, RowSampling, sample
 
 VOCAB = 50
 

@@ -7,7 +7,7 @@ import torch
 from transformers import Qwen3_5TextConfig
 from transformers.cache_utils import DynamicCache
 
-from deployments.slots import SlotCache
+from deployments.engine.slots import SlotCache
 
 CONFIG = Qwen3_5TextConfig(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=4,

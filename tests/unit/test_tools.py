@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from deployments.tools import ToolCallParser, assemble, parse_tool_calls, typed_value
+from deployments.ingress.tools import ToolCallParser, assemble, parse_tool_calls, typed_value
 
 WEATHER = {"name": "get_weather", "parameters": {"type": "object", "properties": {
     "city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"},

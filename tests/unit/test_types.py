@@ -7,8 +7,8 @@ import pickle
 import numpy as np
 from PIL import Image
 
-from deployments.digest import DIGEST_KEY, stamp_image
-from deployments.types import ChatMessage, Video
+from deployments.common.digest import DIGEST_KEY, stamp_image
+from deployments.common.types import ChatMessage, Video
 
 
 def photo(mode: str = "RGB") -> Image.Image:
