@@ -133,10 +133,7 @@ def forward_counter(engine: Engine) -> Iterator[list[int]]:
 async def wait_idle(engine: Engine, timeout: float = 1.0) -> float:
     """Seconds until no generation thread is alive; fails after `timeout`."""
     started = time.monotonic()
-    while engine.running:
-        elapsed = time.monotonic() - started
-        assert elapsed < timeout, f"{engine.running} generation thread(s) still running after {timeout}s"
-        await asyncio.sleep(0.005)
+    await wait_until_async(lambda: engine.running == 0, timeout=timeout, what="every generation to stop")
     return time.monotonic() - started
 
 
