@@ -4,9 +4,9 @@ Each loop iteration (1) admits waiting requests, (2) runs at most one prefill fo
 `prefill_tokens` prompt tokens (a group of short prompts together, or the next chunk of a long
 one) and (3) runs one decode step: one forward of the text tower over every running row, on the
 engine's `SlotCache` (eager, or a compiled graph with `compile_decode`: `deployments/engine/compiled.py`),
-then one batched sampling pass and one device-to-host copy. A newcomer's prefill thus delays the
-running rows by one bounded forward, never by its whole prompt, and a row that finishes or is
-cancelled leaves the batch before the next step.
+then one batched sampling pass (`deployments/engine/sampler.py`) and one device-to-host copy. A
+newcomer's prefill thus delays the running rows by one bounded forward, never by its whole prompt,
+and a row that finishes or is cancelled leaves the batch before the next step.
 
 Reuse: a request whose prompt starts with a prefix stored in the prefix cache is prefilled alone,
 from that snapshot; the state at the end of each request's last user turn, when worth storing for
@@ -33,12 +33,10 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from deployments.engine.compiled import DecodeStep, SuffixForward
-from deployments.common.errors import GrammarError, NumericalError
-from deployments.engine.grammar import Masker
 from deployments.engine.prefill import AnswerJob, Family, Prefill, StateTaps, restore, snapshot
 from deployments.engine.reuse import PrefixCache, Snapshot, VisionCache
 from deployments.engine.rows import Row, deliver, merge_inputs
-from deployments.engine.sampling import BatchParams, sample
+from deployments.engine.sampler import Sampler
 from deployments.engine.slots import SlotCache
 
 logger = logging.getLogger("ray.serve")
@@ -68,15 +66,10 @@ class EngineCore:
         self.step = DecodeStep(self.text, self.lm_head, compile_decode, lambda: slot_cache(initial_len=16))
         self.taps = StateTaps(self.text)  # before the suffix graphs are traced: they trace through it
         self.suffix = SuffixForward(self.text, compile_suffix, self.text_config.hidden_size, model.dtype, self.device)
-        self._masker = Masker(max_rows, self.text_config.vocab_size)
+        self.sampler = Sampler(max_rows, self.text_config.vocab_size, self.device)
         self.prefix_cache = prefix_cache or PrefixCache(0)
         self.vision_cache = vision_cache or VisionCache(0)
         self._rows: list[Row] = []  # slot order: row i lives in slot i
-        self._seen: torch.Tensor | None = None  # (max_rows, vocab) ids the repetition penalty applies to
-        self._params: BatchParams | None = None  # of the running rows; None when they changed
-        self._eos: torch.Tensor | None = None  # the running rows' end-of-sequence (and stop) ids
-        self._shared_generator = torch.Generator(device=self.device)
-        self._shared_generator.seed()
         self._waiting: queue.Queue[Family | AnswerJob] = queue.Queue()
         self._queued: deque[Family] = deque()  # admitted, not yet prefilled
         self._answers: deque[AnswerJob] = deque(maxlen=max_rows)  # the oldest are dropped when full
@@ -144,7 +137,8 @@ class EngineCore:
                 logger.error("Engine loop failed", exc_info=exc)
                 for row in self._in_flight():
                     row.end(exc)
-                self._rows, self._queued, self._prefill, self._params = [], deque(), None, None
+                self._rows, self._queued, self._prefill = [], deque(), None
+                self.sampler.rows_changed()
                 self._on_rows(0)
 
     def _admit(self) -> None:
@@ -368,7 +362,7 @@ class EngineCore:
                 self.cache.load(len(self._rows), prefill.cache, i, width - length, length)
                 self._rows.append(row)
         self._on_rows(len(self._rows))
-        self._params = None
+        self.sampler.rows_changed()
         sizes = [len(family) for family in prefill.families]
         if max(sizes) > 1:
             logits = logits.repeat_interleave(torch.tensor(sizes, device=logits.device), dim=0)
@@ -393,59 +387,15 @@ class EngineCore:
     def _sample_and_stream(self, logits: torch.Tensor, first: int) -> None:
         """Sample rows first.. (whose logits these are), stream each its token, drop finished rows."""
         rows = self._rows[first:]
-        if self._params is None:
-            self._params = BatchParams([r.sampling for r in self._rows], self.device)
-            self._eos = self._eos_tensor(self._rows)
-            if self._params.use_penalty:
-                self._ensure_seen(logits.shape[-1])
-        params = self._params if first == 0 else BatchParams([r.sampling for r in rows], self.device)
-        eos = self._eos if first == 0 else self._eos_tensor(rows)
-        if first > 0 and self._seen is not None:
-            for slot, row in enumerate(rows, start=first):
-                self._seen[slot] = False
-                self._seen[slot, row.prompt_ids] = True
-        seen = self._seen[first : first + len(rows)] if self._seen is not None else None
-        logprobs = _logprob_table(logits, rows) if any(r.want_logprobs is not None for r in rows) else None
-        constrained = [(i, row.matcher) for i, row in enumerate(rows) if row.constrained]
-        broken = self._masker.apply(logits, constrained) if constrained else {}
-        draws = sample(logits, params, [r.generator for r in rows], self._shared_generator, seen,
-                       self._blocked(rows, eos), eos)
-        tokens = draws[:, 0]
+        tokens, outcomes = self.sampler.sample(logits, self._rows, first)
         self._next_ids[first : first + len(rows)] = tokens
-        if seen is not None:
-            seen[torch.arange(len(rows), device=self.device), tokens] = True
-        if logprobs is not None:
-            _record_logprobs(logprobs, tokens, rows)
-        for i, (row, (token, failed)) in enumerate(zip(rows, draws.tolist())):  # the one device-to-host copy
-            refused = None if failed else broken.get(i) or row.follow(token)
-            if failed:
-                row.end(NumericalError("The model produced invalid (non-finite) scores for this request"))
-            elif refused:
-                row.end(GrammarError(f"Constrained decoding failed: {refused}"))
+        for row, (token, error) in zip(rows, outcomes):
+            if error is not None:
+                row.end(error)
             else:
                 row.add(token)
         deliver(rows)
         self._drop_finished()
-
-    def _eos_tensor(self, rows: list[Row]) -> torch.Tensor:
-        ids = sorted(set().union(*(r.eos_ids for r in rows)))
-        return torch.tensor(ids, dtype=torch.long, device=self.device)
-
-    def _blocked(self, rows: list[Row], eos: torch.Tensor) -> torch.Tensor | None:
-        """(rows, len(eos)): which of `eos` each row may not sample yet (its own end ids, under min_tokens;
-        a grammar alone decides where a constrained row may end)."""
-        early = [r.generated < r.sampling.min_tokens and r.matcher is None for r in rows]
-        if not any(early):
-            return None
-        ids = eos.tolist()
-        return torch.tensor([[e and i in r.eos_ids for i in ids] for r, e in zip(rows, early)], device=self.device)
-
-    def _ensure_seen(self, vocab: int) -> None:
-        if self._seen is None:
-            self._seen = torch.zeros(self.max_rows, vocab, dtype=torch.bool, device=self.device)
-            for slot, row in enumerate(self._rows):
-                self._seen[slot, row.prompt_ids] = True
-                self._seen[slot, row.tokens] = True
 
     def _drop_finished(self) -> None:
         """Finished rows leave; the last row takes each freed slot, so running rows stay slots 0..n-1."""
@@ -460,36 +410,12 @@ class EngineCore:
             if slot != last:
                 self.cache.move(last, slot)
                 self._next_ids[slot] = self._next_ids[last]
-                if self._seen is not None:
-                    self._seen[slot] = self._seen[last]
+                self.sampler.move(last, slot)
                 self._rows[slot] = self._rows[last]
             self._rows.pop()
         if len(self._rows) != keep:
-            self._params = None
+            self.sampler.rows_changed()
             self._on_rows(len(self._rows))
 
     def _mark_progress(self) -> None:
         self.last_progress = time.monotonic()
-
-
-# What a log-probability reads as when it underflows: JSON has no -Infinity (vLLM clamps the same way).
-MIN_LOGPROB = -9999.0
-
-
-def _logprob_table(logits: torch.Tensor, rows: list[Row]) -> tuple[list[int], torch.Tensor]:
-    """The asking rows and their log-probabilities under the model's raw distribution (before temperature,
-    penalties and grammar masks, as vLLM reports them by default)."""
-    index = [i for i, row in enumerate(rows) if row.want_logprobs is not None]
-    return index, torch.log_softmax(logits[index].float(), dim=-1).clamp(min=MIN_LOGPROB).nan_to_num(MIN_LOGPROB)
-
-
-def _record_logprobs(table: tuple[list[int], torch.Tensor], tokens: torch.Tensor, rows: list[Row]) -> None:
-    """Append each asking row's chosen-token log-probability and top alternatives."""
-    index, logprobs = table
-    chosen = logprobs.gather(1, tokens[index, None])[:, 0].tolist()
-    k = max(rows[i].want_logprobs for i in index)
-    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
-    for j, (values, ids) in enumerate(zip(top_values.tolist(), top_ids.tolist())):
-        row = rows[index[j]]
-        row.logprobs.append((chosen[j], list(zip(ids, values))[: row.want_logprobs]))
-

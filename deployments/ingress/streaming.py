@@ -54,7 +54,7 @@ async def _prepend(first: Chunk, chunks: DeploymentResponseGenerator) -> AsyncIt
 
 
 async def sse_lines(first: Chunk, chunks: DeploymentResponseGenerator, stream: CompletionStream,
-               trace: RequestTrace) -> AsyncIterator[str]:
+                    trace: RequestTrace) -> AsyncIterator[str]:
     """SSE lines; errors after the 200 travel in the stream; `[DONE]` ends it exactly once."""
     try:
         async for chunk in observed(first, chunks, trace):

@@ -145,7 +145,9 @@ def test_redeploy_lets_an_in_flight_stream_finish(serve_url):
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(stream)
         assert generating.wait(timeout=60), "the stream never started"
-        assert running_generations(SINGLE_APP, "instruct") == 1
+        # Only this stream generates (the replica's one-token health probe or an earlier test's stream may
+        # still be ending: wait for them, not for a guess).
+        wait_until(lambda: running_generations(SINGLE_APP, "instruct") == 1, what="only this stream generating")
         # A changed model setting replaces the replicas; the old one drains within the grace period.
         changed = app_args(thinking=None)  # the router keeps its settings; see conftest for the grace period
         changed["instruct"] = {**changed["instruct"], "model": {**changed["instruct"]["model"], "batch_wait_ms": 7}}
