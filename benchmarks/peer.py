@@ -163,7 +163,8 @@ def main() -> None:
         print(f"service ({dtype}) / vLLM:", ", ".join(f"{k} = {v:.2f}" for k, v in ratio.items()))
     print("targets: single_stream_tokens_per_s >= 1.0, aggregate_16_streams >= 0.8, ttft_p50 <= 1.5")
     (args.out / f"peer-{args.preset}.json").write_text(json.dumps(
-        {"cpu": cpu, "checkpoint": str(checkpoint), "tokens": args.tokens, "threads": args.threads, "vllm": peer, "service": ours,
+        {"cpu": cpu, "checkpoint": str(checkpoint), "tokens": args.tokens, "threads": args.threads, "vllm": peer,
+         "service": ours,
          "serving_path": serving, "ratios": result, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
 
 

@@ -219,8 +219,9 @@ class VariantArgs(BaseModel):
         if "autoscaling_config" in options:
             options["autoscaling_config"] = {"target_ongoing_requests": batch, **options["autoscaling_config"]}
         if self.chat_affinity and self.max_replicas > 1:  # with one replica there is nothing to choose
-            options["request_router_config"] = {"request_router_class": "deployments.replica.affinity:ChatAffinityRouter",
-                                                "request_router_kwargs": {"busy_requests": batch}}
+            options["request_router_config"] = {
+                "request_router_class": "deployments.replica.affinity:ChatAffinityRouter",
+                "request_router_kwargs": {"busy_requests": batch}}
         return options
 
     @property

@@ -64,11 +64,12 @@ def cpu_has_native_bf16() -> bool:
 
 
 def _bf16_flags() -> list[str]:
+    """This CPU's bf16 instruction flags (AVX512-BF16, AMX-BF16)."""
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return []
-    return sorted({flag for flag in flags if flag in ("avx512_bf16", "amx_bf16", "amx_tile")})
+    return sorted({flag for flag in flags if flag in ("avx512_bf16", "amx_bf16")})
 
 
 def cpu_kind() -> str:

@@ -49,7 +49,7 @@ def _compact(schema: object) -> dict:
 
 
 def _tool_calls(tools: list[dict], parallel: bool) -> tuple[str, list[str]]:
-    """Calls as the model writes them (see deployments.ingress.tools): a function among `tools`, its parameters in
+    """Calls as the model writes them (deployments.common.toolformat): a function among `tools`, its parameters in
     declared order (required ones always), string values as raw text, string enums as one of their values,
     any other value as compact JSON valid against its schema. Several calls, one per line, if `parallel`."""
     q = json.dumps
