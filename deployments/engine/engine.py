@@ -24,6 +24,7 @@ from deployments.engine import checkpoint
 from deployments.common.config import ModelConfig
 from deployments.common.lru import cache_state
 from deployments.engine.core import EngineCore
+from deployments.engine.runner import TransformersRunner
 from deployments.common.errors import BadRequestError, ContextLengthError
 from deployments.engine.grammar import Grammars
 from deployments.engine.inputs import control_texts, defuse_all, to_hf_messages, video_metadata
@@ -79,14 +80,15 @@ class Engine:
                                          user_opening=self._user_opening())
         # Cache keys are namespaced by what was loaded: entries never outlive a change of checkpoint.
         self._namespace = f"{config.checkpoint}:{config.variant}:{self.model.dtype}"
-        self.core = EngineCore(
-            self.model, config.max_batch_size, self.max_model_len, pad, config.batch_wait_ms / 1000,
-            config.continuous_batching, config.prefill_chunk_tokens, on_batch_rows,
+        runner = TransformersRunner(
+            self.model, config.max_batch_size, self.max_model_len, pad, config.prefill_chunk_tokens,
             reuse.PrefixCache(config.prefix_cache_bytes, on_cache, config.prefix_cache_min_tokens,
                               every_turn=not config.prefix_cache_answers),
             reuse.VisionCache(config.vision_cache_bytes, on_cache), config.compile_decode,
             config.compile_resumed_prefill,
         )
+        self.core = EngineCore(runner, config.max_batch_size, config.batch_wait_ms / 1000,
+                               config.continuous_batching, config.prefill_chunk_tokens, on_batch_rows)
 
     def _user_opening(self) -> tuple[int, ...]:
         """The ids that open a user turn in this chat template (`<|im_start|>user\n`), as they tokenize inside
@@ -113,14 +115,14 @@ class Engine:
         took to leave the batch, its caches' bytes, hits and misses (and answers carried into the prefix
         cache), and whether its decode steps and resumed prefills run compiled."""
         core, config = self.core, self.config
+        forwards = core.runner.stats(config.compile_decode, config.compile_resumed_prefill)
         stats = {"running": core.running, "batch_sizes": list(core.batch_sizes), "cancel_lags": list(core.cancel_lags),
                  "cancelled_rows": core.cancelled_rows,
                  "prefix_cache": {**cache_state(core.prefix_cache), "answers_carried": core.answers_carried},
                  "vision_cache": cache_state(core.vision_cache),
-                 "decode": {**core.step.state(config.compile_decode), "steps": core.decode_steps,
-                            "compiled_steps": core.step.compiled_steps},
-                 "resumed_prefill": {**core.suffix.state(config.compile_resumed_prefill),
-                                     "compiled_calls": core.suffix.compiled_calls}}
+                 "decode": {**forwards["decode"], "steps": core.decode_steps},
+                 "resumed_prefill": forwards["resumed_prefill"],
+                 "scheduler": {"passed_over": core.scheduler.passed_over, "expired": core.scheduler.expired}}
         if self.processor_cache.enabled:
             stats["processor_cache"] = cache_state(self.processor_cache)
         return stats

@@ -4,6 +4,7 @@ together, rows that join a running batch, rows that leave it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from PIL import Image
@@ -290,3 +291,28 @@ async def test_rows_with_extreme_sampling_values_leave_their_batch_mates_unchang
     results = await asyncio.gather(*(run(batched, r) for r in [*hostile, *normal]))
     assert [chunks[-1].usage.completion_tokens for _, chunks in results[:2]] == [15, 15]
     assert [text for text, _ in results[2:]] == alone
+
+
+async def test_a_request_that_fits_starts_past_an_n_request_that_does_not(batched):
+    """A long stream runs; an n=8 request cannot fit beside it; a short request sent after it starts anyway
+    (and ends while the long stream still runs), and the n=8 request starts once the batch has room."""
+    long_done, started = asyncio.Event(), asyncio.Event()
+    wide = ask(["eight at once"], 6)
+    wide = dataclasses.replace(wide, sampling=dataclasses.replace(wide.sampling, n=8))
+    order: list[str] = []
+
+    async def after_start(name: str, request: GenerationRequest) -> None:
+        await started.wait()
+        if name == "short":
+            await wait_until_async(lambda: batched.core.running >= 9, what="the n=8 request waiting")
+        await run(batched, request)
+        order.append(name)
+
+    async def first() -> None:
+        await lead(batched, ask(["a long answer please"], 600), started, done=long_done)
+        order.append("long")
+
+    passed = batched.core.scheduler.passed_over
+    await asyncio.gather(first(), after_start("wide", wide), after_start("short", ask(["hi"], 5)))
+    assert order == ["short", "long", "wide"], order
+    assert batched.core.scheduler.passed_over == passed + 1

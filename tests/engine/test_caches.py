@@ -66,7 +66,7 @@ class Forwards:
 
     def __init__(self, engine: Engine, monkeypatch) -> None:
         self.prefilled, self.vision_units = [], 0
-        text, inner = engine.core.text, engine.model.model
+        text, inner = engine.core.runner.text, engine.model.model
 
         def counting_text(*args, **kwargs):
             embeds = kwargs.get("inputs_embeds")
@@ -80,7 +80,7 @@ class Forwards:
                 return tower(pixels, sizes, **kwargs)
             return wrapped
 
-        monkeypatch.setattr(engine.core, "text", counting_text)
+        monkeypatch.setattr(engine.core.runner, "text", counting_text)
         monkeypatch.setattr(inner, "get_image_features", counting(inner.get_image_features))
         monkeypatch.setattr(inner, "get_video_features", counting(inner.get_video_features))
 
@@ -114,8 +114,8 @@ async def test_later_turns_resume_from_the_prefix_and_answer_exactly_as_without_
 def assert_is_state_after(engine: Engine, ids: torch.Tensor, stored: reuse.Snapshot) -> None:
     """`stored` equals the text tower's state after a forward of exactly `ids` (text only) from nothing."""
     with torch.inference_mode():
-        reference = DynamicCache(config=engine.core.text_config)
-        engine.core.text(input_ids=ids, cache=reference, use_cache=True)
+        reference = DynamicCache(config=engine.core.runner.text_config)
+        engine.core.runner.text(input_ids=ids, cache=reference, use_cache=True)
     assert stored is not None and stored.length == ids.shape[1]
     for i, layer in enumerate(reference.layers):
         if hasattr(layer, "conv_states"):
@@ -228,14 +228,14 @@ def test_states_tapped_inside_one_forward_are_those_of_forwards_ending_there(tin
     run as one matrix product, the split forwards' as three, and bf16 kernels round by shape)."""
     core = engine(tiny_checkpoints, dtype=dtype).core
     close = torch.testing.assert_close  # its default tolerances follow the dtype
-    hidden = core.text_config.hidden_size
-    embeds = torch.randn(2, 14, hidden, generator=torch.Generator().manual_seed(0)).to(core.model.dtype)
+    hidden = core.runner.text_config.hidden_size
+    embeds = torch.randn(2, 14, hidden, generator=torch.Generator().manual_seed(0)).to(core.runner.model.dtype)
     mask = torch.ones(2, 14, dtype=torch.long)
     mask[1, :3] = 0
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
 
     def forward(cache, start, end):
-        return core.text(inputs_embeds=embeds[:, start:end], attention_mask=mask[:, :end],
+        return core.runner.text(inputs_embeds=embeds[:, start:end], attention_mask=mask[:, :end],
                          position_ids=positions[:, start:end], cache=cache, use_cache=True).last_hidden_state
 
     def linear_states(cache, row):
@@ -243,10 +243,10 @@ def test_states_tapped_inside_one_forward_are_those_of_forwards_ending_there(tin
                 for i, layer in enumerate(cache.layers) if hasattr(layer, "conv_states")}
 
     with torch.inference_mode():
-        tapped_cache = DynamicCache(config=core.text_config)
-        with core.taps.at({5: [0, 1], 9: [1]}) as tapped:
+        tapped_cache = DynamicCache(config=core.runner.text_config)
+        with core.runner.taps.at({5: [0, 1], 9: [1]}) as tapped:
             whole = forward(tapped_cache, 0, 14)
-        split_cache, parts, expected = DynamicCache(config=core.text_config), [], {}
+        split_cache, parts, expected = DynamicCache(config=core.runner.text_config), [], {}
         for start, end in ((0, 5), (5, 9), (9, 14)):
             parts.append(forward(split_cache, start, end))
             expected |= {(end, row): linear_states(split_cache, row) for row in (0, 1) if end < 14}

@@ -131,8 +131,8 @@ async def test_a_compiled_engine_serves_while_compiling_then_runs_every_step_com
                                 dtype="float32", max_batch_size=4, compile_decode=True))
     # While the graphs are built, requests decode eagerly.
     assert await count_tokens(engine, request("Hello", 8)) == [8]
-    assert await asyncio.to_thread(engine.core.step.wait_compiled, COMPILE_TIMEOUT_S), engine.core.step.error
-    eager_steps = engine.core.decode_steps - engine.core.step.compiled_steps
+    assert await asyncio.to_thread(engine.core.runner.step.wait_compiled, COMPILE_TIMEOUT_S), engine.core.runner.step.error
+    eager_steps = engine.core.decode_steps - engine.core.runner.step.compiled_steps
     # Rows join and leave at different lengths, two share a prompt, one grows the cache past its first
     # 256 columns, one samples with a penalty and a seed.
     counts = await asyncio.gather(
@@ -141,7 +141,7 @@ async def test_a_compiled_engine_serves_while_compiling_then_runs_every_step_com
         count_tokens(engine, request("Name three colours " * 6, 60, repetition_penalty=1.3)),
     )
     assert counts == [[300], [20, 20], [60]]
-    assert engine.core.decode_steps - eager_steps == engine.core.step.compiled_steps > 300
+    assert engine.core.decode_steps - eager_steps == engine.core.runner.step.compiled_steps > 300
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def suffix_engine(tiny_checkpoints):
     graphs = counters["stats"]["unique_graphs"]
     engine = Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), torch_threads=1,
                                 dtype="float32", compile_resumed_prefill=True))
-    assert engine.core.suffix.wait_compiled(COMPILE_TIMEOUT_S), engine.core.suffix.error
+    assert engine.core.runner.suffix.wait_compiled(COMPILE_TIMEOUT_S), engine.core.runner.suffix.error
     # One graph per linear-attention chunk size: traced through the engine's StateTaps, which picks the chunk.
     assert counters["stats"]["unique_graphs"] - graphs == 2
     return engine
@@ -159,8 +159,8 @@ def suffix_engine(tiny_checkpoints):
 
 def holding(engine: Engine, ids: torch.Tensor) -> DynamicCache:
     """A one-row DynamicCache holding the prefix `ids`, prefilled eagerly (as a snapshot restores one)."""
-    cache = DynamicCache(config=engine.core.text_config)
-    engine.core.text(input_ids=ids[None], cache=cache, use_cache=True, position_ids=torch.arange(len(ids))[None])
+    cache = DynamicCache(config=engine.core.runner.text_config)
+    engine.core.runner.text(input_ids=ids[None], cache=cache, use_cache=True, position_ids=torch.arange(len(ids))[None])
     return cache
 
 
@@ -170,28 +170,28 @@ def test_the_compiled_suffix_forward_gives_the_eager_hidden_states_for_every_len
     core = suffix_engine.core
     embed = suffix_engine.model.model.get_input_embeddings()
     generator = torch.Generator().manual_seed(1)
-    graphs, calls = counters["stats"]["unique_graphs"], core.suffix.compiled_calls
+    graphs, calls = counters["stats"]["unique_graphs"], core.runner.suffix.compiled_calls
     cases = [(3, 2), (17, 23), (40, 31), (9, 33), (130, SUFFIX_MAX), (200, 7)]
     with torch.inference_mode():
         for past, length in cases:
             ids = torch.randint(10, 1000, (past + length,), generator=generator)
-            assert core.suffix.covers(1, past, length)
+            assert core.runner.suffix.covers(1, past, length)
             args = (embed(ids[None, past:]), torch.ones(1, past + length, dtype=torch.long),
                     torch.arange(past, past + length)[None])
             eager, compiled = holding(suffix_engine, ids[:past]), holding(suffix_engine, ids[:past])
-            expected = core.suffix._eager(*args, eager)
-            got = core.suffix(*args, compiled)
+            expected = core.runner.suffix._eager(*args, eager)
+            got = core.runner.suffix(*args, compiled)
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
             for layer, (want, have) in enumerate(zip(eager.layers, compiled.layers)):
                 for name in ("keys", "values", "conv_states", "recurrent_states"):
                     if hasattr(want, name):
                         torch.testing.assert_close(getattr(have, name), getattr(want, name), rtol=1e-4, atol=1e-4,
                                                    msg=lambda m: f"layer {layer} {name}: {m}")
-    assert core.suffix.compiled_calls - calls == len(cases)
+    assert core.runner.suffix.compiled_calls - calls == len(cases)
     assert counters["stats"]["unique_graphs"] == graphs  # the warm-up's two graphs served every case
-    assert not core.suffix.covers(1, 5, SUFFIX_MAX + 1) and not core.suffix.covers(2, 5, 8)
-    assert not core.suffix.covers(1, 5, 32)  # one whole chunk: no graph's guards admit it
-    assert not core.suffix.covers(1, 0, 8) and not core.suffix.covers(1, 5, 1)
+    assert not core.runner.suffix.covers(1, 5, SUFFIX_MAX + 1) and not core.runner.suffix.covers(2, 5, 8)
+    assert not core.runner.suffix.covers(1, 5, 32)  # one whole chunk: no graph's guards admit it
+    assert not core.runner.suffix.covers(1, 0, 8) and not core.runner.suffix.covers(1, 5, 1)
 
 
 async def test_a_chats_later_turns_resume_through_the_compiled_suffix_forward(suffix_engine):
@@ -211,7 +211,7 @@ async def test_a_chats_later_turns_resume_through_the_compiled_suffix_forward(su
             if chunk.usage:
                 counts.append(chunk.usage.completion_tokens)
         assert counts == [6]
-        calls.append(core.suffix.compiled_calls)
+        calls.append(core.runner.suffix.compiled_calls)
         await wait_until_async(lambda: core.answers_carried == turn + 1, what="the answer carried")
         history.append(ChatMessage("assistant", [text]))
     assert core.prefix_cache.stats[0] == 3, "turns 2-4 resumed from the prefix cache"

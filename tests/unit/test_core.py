@@ -12,6 +12,8 @@ import torch
 from transformers import Qwen3_5TextConfig
 
 from deployments.engine.core import EngineCore
+from deployments.engine.reuse import PrefixCache, VisionCache
+from deployments.engine.runner import TransformersRunner
 from deployments.engine.rows import Row
 from deployments.engine.sampling import RowSampling
 
@@ -63,16 +65,18 @@ async def read(r: Row) -> list[int]:
 
 @pytest.fixture
 def core() -> EngineCore:
-    return EngineCore(FakeModel(), max_rows=4, max_len=512, pad_token_id=0, batch_wait_s=0.0)
+    runner = TransformersRunner(FakeModel(), max_rows=4, max_len=512, pad_token_id=0, prefill_tokens=512,
+                                prefix_cache=PrefixCache(0), vision_cache=VisionCache(0))
+    return EngineCore(runner, max_rows=4, batch_wait_s=0.0)
 
 
 async def test_a_failing_decode_ends_its_rows_with_the_error_and_the_core_keeps_serving(core):
-    core.model.model.language_model.fail_decode = True
+    core.runner.model.model.language_model.fail_decode = True
     failing = row(5)
     core.submit([failing])
     with pytest.raises(RuntimeError, match="decode broke"):
         await read(failing)
-    core.model.model.language_model.fail_decode = False
+    core.runner.model.model.language_model.fail_decode = False
     again = row(5)
     core.submit([again])
     assert len(await read(again)) == 5 and core.running == 0
@@ -87,7 +91,7 @@ async def test_a_failure_while_joining_ends_only_the_newcomers(core, monkeypatch
     def broken_load(*args, **kwargs):
         raise ValueError("no slot")
 
-    monkeypatch.setattr(core.cache, "load", broken_load)
+    monkeypatch.setattr(core.runner.cache, "load", broken_load)
     newcomer = row(5)
     core.submit([newcomer])
     with pytest.raises(ValueError, match="no slot"):
