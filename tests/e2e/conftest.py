@@ -176,12 +176,15 @@ def process_info(app: str, deployment: str) -> dict:
 
 
 @contextmanager
-def one_cancellation(app: str, deployment: str) -> Iterator[None]:
-    """Asserts that the block cancels exactly one generating row on the replica, and that the row left the batch
-    within one decode step of the cancellation reaching the replica (waits for the replica to go idle)."""
+def one_cancellation(app: str, deployment: str, rows: int = 1) -> Iterator[None]:
+    """Asserts that the block cancels exactly `rows` generating rows on the replica (one, or the n of one request),
+    and that each left the batch within one decode step of the cancellation reaching the replica (waits for the
+    replica to go idle). Give the rows more tokens than the block can take (max_tokens = min_tokens = 3000):
+    only a cancellation then ends them, and a row that ran to its end is not counted."""
     before = process_info(app, deployment)["cancelled_rows"]
     yield
     wait_until(lambda: running_generations(app, deployment) == 0, what=f"{app}/{deployment} to stop generating")
     info = process_info(app, deployment)
-    assert info["cancelled_rows"] == before + 1, "exactly one generating row was cancelled"
-    assert info["cancel_lags"][-1] <= 1, f"the row took {info['cancel_lags'][-1]} decode steps to leave"
+    assert info["cancelled_rows"] == before + rows, f"exactly {rows} generating row(s) cancelled"
+    lags = info["cancel_lags"][-rows:]
+    assert max(lags) <= 1, f"the rows took {lags} decode steps to leave"

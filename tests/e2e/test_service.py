@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import FULL_APP, SINGLE_APP, one_cancellation, running_generations
+from tests.e2e.conftest import FULL_APP, SINGLE_APP, one_cancellation, process_info, running_generations
 from tests.waiting import wait_until
 
 CHAT = "/v1/chat/completions"
@@ -135,6 +136,45 @@ def test_malformed_or_unsupported_bodies_are_400_with_the_param(client, body, pa
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
 
 
+@pytest.mark.parametrize("method, path", [("GET", "/v1/nope"), ("POST", "/v1/completions"), ("GET", "/single/nope")])
+def test_an_unknown_path_is_a_404_in_the_error_shape(client, method, path):
+    response = client.request(method, path, json={"messages": HELLO})
+    assert response.status_code == 404, response.text
+    error = response.json()["error"]
+    assert error["code"] == "http_404" and error["type"] == "invalid_request_error" and error["message"] == "Not Found"
+    assert error["request_id"] == response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_and_max_tokens_over_the_context_are_400_context_length_exceeded(client, stream):
+    """Refused before any token, so a stream gets the 400 too (not a 200 with an error inside)."""
+    prompt = client.post(CHAT, json={"model": "instruct", "messages": HELLO, "max_tokens": 1}).json()["usage"]
+    response = client.post(CHAT, json={"model": "instruct", "messages": HELLO, "max_tokens": 8000, "stream": stream})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "max_tokens", error
+    assert error["type"] == "invalid_request_error"
+    assert f"context is 4096 tokens; the request has {prompt['prompt_tokens']} prompt tokens and asks for up to " \
+           "8000 more" in error["message"], error
+
+
+@pytest.mark.parametrize("field, allowed, over, says", [
+    ("stop", ["a", "b", "c", "d"], ["a", "b", "c", "d", "e"], "at most 4 stop sequences are allowed"),
+    ("stop_token_ids", list(range(1, 65)), list(range(1, 66)), "at most 64 items"),
+    ("top_logprobs", 20, 21, "less than or equal to 20"),
+])
+def test_the_caps_on_stops_stop_token_ids_and_top_logprobs_are_400s_naming_the_field(client, field, allowed, over,
+                                                                                      says):
+    body = {"model": "instruct", "messages": HELLO, "max_tokens": 2, "logprobs": True}
+    response = client.post(CHAT, json={**body, field: allowed})
+    assert response.status_code == 200, f"at the cap: {response.text}"
+    response = client.post(CHAT, json={**body, field: over})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and error["type"] == "invalid_request_error", error
+    assert says in error["message"] and error["message"].startswith(f"{field}: "), error
+
+
 def test_invalid_json_is_400(client):
     response = client.post(CHAT, content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 400
@@ -169,6 +209,74 @@ def test_client_disconnect_stops_generation_on_the_replica_within_a_decode_step(
             for _ in range(6):
                 next(lines)
             assert running_generations(FULL_APP, "instruct") == 1, "precondition: it is generating"
+
+
+LONG = {"model": "instruct", "messages": HELLO, "stream": True, "max_tokens": 3000, "min_tokens": 3000}
+
+
+def test_a_client_leaving_an_n_request_cancels_every_one_of_its_sequences(client):
+    """n=3 rows of 3000 tokens each: only the cancellation can end them within the wait."""
+    with one_cancellation(FULL_APP, "instruct", rows=3):
+        with client.stream("POST", CHAT, json={**LONG, "n": 3, "temperature": 1.0}) as response:
+            started: set[int] = set()
+            for line in response.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    choice = json.loads(line.removeprefix("data: "))["choices"][0]
+                    if choice["delta"].get("content"):
+                        started.add(choice["index"])
+                if len(started) == 3:
+                    break
+            assert running_generations(FULL_APP, "instruct") == 3, "precondition: the three rows are generating"
+
+
+class _Reader(threading.Thread):
+    """A stream read in a thread: counts its content chunks until told to stop, then leaves (closing it)."""
+
+    def __init__(self, serve_url: str, body: dict, path: str = CHAT) -> None:
+        super().__init__(daemon=True)
+        self.serve_url, self.body, self.path = serve_url, body, path
+        self.chunks, self.leave, self.error = 0, threading.Event(), None
+
+    def run(self) -> None:
+        try:
+            with httpx.Client(base_url=self.serve_url, timeout=60) as http, \
+                    http.stream("POST", self.path, json=self.body) as response:
+                for line in response.iter_lines():
+                    if '"content"' in line:
+                        self.chunks += 1
+                    if self.leave.is_set() or '"error"' in line:
+                        self.error = line if '"error"' in line else None
+                        return
+        except Exception as exc:  # noqa: BLE001 (reported by the test)
+            self.error = repr(exc)
+
+
+def test_cancelling_one_row_of_a_batch_leaves_the_other_rows_generating(serve_url):
+    """Three 3000-token streams batched together; one leaves: exactly its row is cancelled, and the two others
+    keep receiving tokens afterwards (then they leave too, so three rows are cancelled in all)."""
+    before = process_info(FULL_APP, "instruct")["cancelled_rows"]
+    readers = [_Reader(serve_url, {**LONG, "messages": [{"role": "user", "content": f"row {i}"}]}) for i in range(3)]
+    for reader in readers:
+        reader.start()
+    try:
+        wait_until(lambda: all(r.chunks for r in readers) and running_generations(FULL_APP, "instruct") == 3,
+                   what="three rows generating")
+        leaving, staying = readers[0], readers[1:]
+        leaving.leave.set()
+        leaving.join(timeout=60)
+        wait_until(lambda: running_generations(FULL_APP, "instruct") == 2, what="the left row to leave the batch")
+        assert process_info(FULL_APP, "instruct")["cancelled_rows"] == before + 1, "only the left row was cancelled"
+        counts = [r.chunks for r in staying]
+        wait_until(lambda: all(r.chunks > c + 5 for r, c in zip(staying, counts)),
+                   what="the other rows to keep generating after the cancellation")
+        assert running_generations(FULL_APP, "instruct") == 2 and not any(r.error for r in readers)
+    finally:
+        for reader in readers:
+            reader.leave.set()
+        for reader in readers:
+            reader.join(timeout=60)
+    wait_until(lambda: running_generations(FULL_APP, "instruct") == 0, what="the replica to stop generating")
+    assert process_info(FULL_APP, "instruct")["cancelled_rows"] == before + 3
 
 
 def rejected_count(metrics_port: int, app: str) -> float:
