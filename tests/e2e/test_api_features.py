@@ -6,11 +6,14 @@ enforces it, which is what these tests prove.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 
 import jsonschema
 import openai
 import pytest
+from PIL import Image
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -80,10 +83,52 @@ def test_streamed_tool_calls_assemble_into_valid_json_arriving_in_pieces(sdk):
 
 
 def test_tool_choice_none_and_auto_answer_with_text(sdk):
+    no_tools = sdk.chat.completions.create(model="instruct", messages=ASK, max_tokens=1).usage.prompt_tokens
+    prompts = {}
     for choice in ("none", "auto"):
         completion = sdk.chat.completions.create(model="instruct", messages=ASK, tools=TOOLS, tool_choice=choice,
                                                  max_tokens=6, extra_body={"min_tokens": 6})
         assert completion.choices[0].finish_reason == "length" and completion.choices[0].message.content
+        assert completion.choices[0].message.tool_calls is None
+        prompts[choice] = completion.usage.prompt_tokens
+    assert prompts["none"] == no_tools, "none: the tools are not rendered into the prompt"
+    assert prompts["auto"] > no_tools, "auto: the model is shown the tools"
+
+
+# An answer whose text is a complete call in the model's format, whatever the weights: a JSON schema whose
+# only string is that text (constrained decoding writes it).
+CALL_TEXT = "<tool_call><function=get_time><parameter=zone>UTC</parameter></function></tool_call>"
+SAYS_A_CALL = {"type": "json_schema", "json_schema": {"name": "says", "strict": True, "schema": {
+    "type": "object", "properties": {"say": {"enum": [CALL_TEXT]}}, "required": ["say"],
+    "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_choice_auto_parses_a_call_out_of_the_text_and_none_leaves_it_text(sdk, stream):
+    def ask(choice: str) -> tuple[str, list, str]:
+        response = sdk.chat.completions.create(model="instruct", messages=ASK, tools=TOOLS, tool_choice=choice,
+                                               response_format=SAYS_A_CALL, max_tokens=120, temperature=0,
+                                               stream=stream)
+        if not stream:
+            message = response.choices[0].message
+            calls = [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+            return message.content or "", calls, response.choices[0].finish_reason
+        content, pieces, finish = "", [], None
+        for chunk in response:
+            for choice_ in chunk.choices:
+                content += choice_.delta.content or ""
+                pieces += choice_.delta.tool_calls or []
+                finish = choice_.finish_reason or finish
+        calls = [(p.function.name, json.loads("".join(q.function.arguments or "" for q in pieces)))
+                 for p in pieces if p.function.name]
+        return content, calls, finish
+
+    content, calls, finish = ask("none")
+    assert json.loads(content) == {"say": CALL_TEXT}, "none: the text stays as the model wrote it"
+    assert calls == [] and finish == "stop"
+    content, calls, finish = ask("auto")
+    assert calls == [("get_time", {"zone": "UTC"})] and finish == "tool_calls", "auto: the call is parsed out"
+    assert "<tool_call>" not in content and "UTC" not in content
 
 
 def test_thinking_with_a_required_tool_reasons_first_then_the_call_is_enforced(sdk):
@@ -163,12 +208,46 @@ def test_n_choices_come_from_one_request_with_summed_usage(sdk, stream):
     assert usage.completion_tokens == 15
 
 
-def test_stop_token_ids_and_downsample_mode_are_accepted(sdk):
-    completion = sdk.chat.completions.create(
-        model="instruct", messages=ASK, max_tokens=5,
-        extra_body={"stop_token_ids": [3], "mm_processor_kwargs": {"downsample_mode": "4x"}},
-    )
-    assert completion.choices[0].finish_reason in ("stop", "length")
+def test_stop_token_ids_end_the_answer_before_that_tokens_text(sdk, tiny_checkpoints):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tiny_checkpoints["instruct"] / "tokenizer.json"))
+    greedy = {"model": "instruct", "messages": ASK, "max_tokens": 24, "temperature": 0, "logprobs": True}
+    reference = sdk.chat.completions.create(**greedy).choices[0]
+    tokens = [entry.token for entry in reference.logprobs.content]
+    assert "".join(tokens) == reference.message.content, "precondition: the tokens' texts make the answer"
+
+    def one_id(text: str) -> int | None:
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        return ids[0] if len(ids) == 1 and tokenizer.decode(ids) == text else None
+
+    # A token whose first occurrence is a few tokens in, with visible text of its own.
+    position, stop_id = next((i, one_id(t)) for i, t in enumerate(tokens)
+                             if i >= 3 and t.strip() and t not in tokens[:i] and one_id(t) is not None)
+    stopped = sdk.chat.completions.create(**greedy, extra_body={"stop_token_ids": [stop_id]})
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens == position + 1, "it ended at that token"
+    assert stopped.choices[0].message.content == "".join(tokens[:position]), "its text is not returned"
+
+
+def test_downsample_mode_4x_gives_an_image_about_four_times_the_tokens(sdk):
+    buffer = io.BytesIO()
+    Image.new("RGB", (448, 448), (20, 120, 220)).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    def prompt_tokens(with_image: bool, mode: str | None) -> int:
+        content = [{"type": "text", "text": "what"}]
+        if with_image:
+            content.insert(0, {"type": "image_url", "image_url": {"url": url}})
+        extra = {"mm_processor_kwargs": {"downsample_mode": mode}} if mode else {}
+        return sdk.chat.completions.create(model="instruct", messages=[{"role": "user", "content": content}],
+                                           max_tokens=1, extra_body=extra).usage.prompt_tokens
+
+    text = prompt_tokens(False, None)
+    default, finer = prompt_tokens(True, None) - text, prompt_tokens(True, "4x") - text
+    assert prompt_tokens(True, "16x") - text == default > 0, "16x is the default"
+    # Each slice's patches are divided by 4 instead of 16 (the image's start and end tokens stay).
+    assert finer >= 3 * default, (finer, default)
     with pytest.raises(openai.BadRequestError):
         sdk.chat.completions.create(model="instruct", messages=ASK, max_tokens=5,
                                     extra_body={"mm_processor_kwargs": {"downsample_mode": "2x"}})
