@@ -6,7 +6,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
+import re
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -15,7 +16,8 @@ from PIL import Image, PngImagePlugin
 import httpx
 
 from tests.e2e.conftest import SECURE_KEY, SINGLE_APP, one_cancellation, running_generations
-from tests.e2e.test_service import CHAT
+from tests.e2e.test_service import CHAT, HELLO, LONG, _Reader
+from tests.waiting import wait_until
 
 KEY = {"Authorization": f"Bearer {SECURE_KEY}"}
 
@@ -28,11 +30,12 @@ def ask(text: str, tokens: int = 8, **extra) -> dict:
 def answered(client, body: dict, path: str = CHAT) -> dict:
     """The 200 answer to `body`. The app's replica takes 4 requests at once and answers a burst past that
     with 503 + Retry-After, which is not what these tests are about: such a request is sent again."""
-    for _ in range(20):
+    def not_overloaded() -> httpx.Response | None:
         response = client.post(path, json=body)
-        if response.status_code != 503:
-            break
-        time.sleep(float(response.headers.get("retry-after", "1")))
+        return None if response.status_code == 503 else response
+
+    # Retry-After is 1 s: ask again at that pace.
+    response = wait_until(not_overloaded, timeout=60, interval=1, what="an answer that is not a 503")
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -181,6 +184,64 @@ def test_a_client_that_leaves_a_non_streaming_request_stops_its_generation(serve
         assert generating, "precondition: it was generating before the client left"
         with pytest.raises(httpx.ReadTimeout):
             request.result()
+
+
+def queued_requests(metrics_port: int, app: str, deployment: str) -> float:
+    """Requests waiting in handles for a replica of `deployment`, from Ray's Prometheus export."""
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    pattern = re.compile(r'^ray_serve_deployment_queued_queries\{(.*)\} ([0-9.eE+-]+)$')
+    return sum(float(m.group(2)) for m in map(pattern.match, text.splitlines())
+               if m and f'application="{app}"' in m.group(1) and f'deployment="{deployment}"' in m.group(1))
+
+
+def test_a_client_that_leaves_before_its_first_token_is_dropped_from_the_queue_and_never_generates(
+        serve_url, metrics_port):
+    """The single app's replica takes 4 requests at once: with 4 long streams generating, a fifth waits in the
+    router's handle queue, so it cannot have had a token when its client leaves (the router sends even the
+    status line only after the first chunk, so the client has received nothing). Leaving must take it out of
+    the queue: once a slot frees, the next request gets it, not the one that left.
+
+    While the four hold every slot, even a call to the replica (running_generations) would wait: what happens
+    meanwhile is read from the streams themselves and from Ray's metrics."""
+    readers = [_Reader(serve_url, {**LONG, "messages": [{"role": "user", "content": f"hold {i}"}]},
+                       path=f"/single{CHAT}") for i in range(4)]
+    assert queued_requests(metrics_port, SINGLE_APP, "instruct") == 0, "precondition: nothing queued"
+    try:
+        # One after the other: requests arriving together count as queued until placed, and past 2 queued the
+        # handle refuses them.
+        for reader in readers:
+            reader.start()
+            wait_until(lambda: reader.chunks or reader.error, what="the stream's first tokens")
+            assert reader.error is None, reader.error
+        host, port = serve_url.removeprefix("http://").split(":")
+        body = json.dumps(LONG).encode()
+        with socket.create_connection((host, int(port)), timeout=30) as leaving:
+            leaving.sendall(f"POST /single{CHAT} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                            f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            wait_until(lambda: queued_requests(metrics_port, SINGLE_APP, "instruct") == 1, interval=0.2,
+                       what="the fifth request to be counted as queued")
+            leaving.setblocking(False)
+            with pytest.raises(BlockingIOError):  # nothing came back: no status line, no token
+                leaving.recv(1)
+        # Its client is gone (the connection closed): it must leave the queue.
+        wait_until(lambda: queued_requests(metrics_port, SINGLE_APP, "instruct") == 0, interval=0.2,
+                   what="the left request to leave the handle's queue")
+        counts = [r.chunks for r in readers]
+        wait_until(lambda: all(r.chunks > c for r, c in zip(readers, counts)), what="the four still generating")
+        assert not any(r.error for r in readers), "the four held every slot all along"
+        readers[0].leave.set()
+        readers[0].join(timeout=60)
+        # The freed slot goes to the next request, not to the one that left (it would hold it for 3000 tokens).
+        with httpx.Client(base_url=serve_url, timeout=30) as next_client:
+            answer = next_client.post(f"/single{CHAT}", json={"messages": HELLO, "max_tokens": 2})
+        assert answer.status_code == 200, answer.text
+        assert running_generations(SINGLE_APP, "instruct") == 3, "the left request did not take the slot"
+    finally:
+        for reader in readers:
+            reader.leave.set()
+        for reader in readers:
+            reader.join(timeout=60)
+    wait_until(lambda: running_generations(SINGLE_APP, "instruct") == 0, what="the replica to stop generating")
 
 
 def test_the_service_still_answers_after_all_of_it(client):
