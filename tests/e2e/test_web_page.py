@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import shutil
+import uuid
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import FULL_APP, one_cancellation, running_generations
+from tests.e2e.conftest import FULL_APP, one_cancellation, process_info, running_generations
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parents[2] / ".artifacts"
@@ -49,6 +52,19 @@ def send(page, text: str, max_tokens: int = 40) -> None:
 
 def wait_done(page, timeout_ms: int = 30_000) -> None:
     page.wait_for_selector("#send:not([hidden])", timeout=timeout_ms)
+
+
+def chat_requests(page) -> list[dict]:
+    """The bodies of the chat requests the page sends from now on, as the browser sent them."""
+    bodies: list[dict] = []
+    page.on("request", lambda request: bodies.append(json.loads(request.post_data))
+            if request.method == "POST" and request.url.endswith("/v1/chat/completions") else None)
+    return bodies
+
+
+def greedy(page) -> None:
+    """Temperature 0 (a range input: set and announced as a user's drag would)."""
+    page.locator("#temperature").evaluate("(e) => { e.value = '0'; e.dispatchEvent(new Event('input')); }")
 
 
 def test_page_is_self_contained(client):
@@ -114,18 +130,28 @@ def test_single_variant_switch_keeps_history(browser, serve_url):
     context.close()
 
 
-def test_attached_image_is_previewed_and_sent(page, tmp_path):
-    image = tmp_path / "red.png"
-    Image.new("RGB", (64, 48), "red").save(image)
+def test_attached_image_is_previewed_and_reaches_the_model(page, tmp_path):
+    # A colour of this run's own: no cache of the router or the replica can have seen this image before.
+    colour = tuple(uuid.uuid4().bytes[:3])
+    image = tmp_path / "picture.png"
+    Image.new("RGB", (64, 48), colour).save(image)
     page.set_input_files("#attach", str(image))
     page.wait_for_selector("#attachments img.thumb")  # the page reads the file asynchronously
     assert page.locator("#attachments img.thumb").count() == 1
+    bodies = chat_requests(page)
+    encoded = process_info(FULL_APP, "instruct")["vision_cache"]["misses"]
     send(page, "what colour is this?", max_tokens=8)
     wait_done(page)
     assert page.locator("#attachments img").count() == 0
     assert page.locator(".msg.user img.thumb").count() == 1
     assert "finish" in page.locator(".msg.assistant .meta").last.text_content()
     assert page.locator(".error").count() == 0
+    # The browser sent the file itself, and the model's vision tower encoded one new image for it.
+    [body] = bodies
+    parts = body["messages"][-1]["content"]
+    assert [p["type"] for p in parts] == ["image_url", "text"] and parts[1]["text"] == "what colour is this?"
+    assert parts[0]["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    assert process_info(FULL_APP, "instruct")["vision_cache"]["misses"] == encoded + 1
 
 
 def test_stop_ends_generation_on_the_server_within_a_decode_step(page):
@@ -139,11 +165,27 @@ def test_stop_ends_generation_on_the_server_within_a_decode_step(page):
 
 
 def test_regenerate_replaces_the_last_answer_and_clear_empties(page):
+    greedy(page)  # greedy: an answer of the same non-empty text each time
+    bodies = chat_requests(page)
     send(page, "hi", max_tokens=6)
     wait_done(page)
+    first = page.locator(".msg.assistant .answer").last.text_content()
+    assert first, "precondition: the greedy answer to 'hi' has text"
+    page.locator(".msg.assistant").last.evaluate("(node) => { node.dataset.old = 'yes'; }")
     page.click("#regenerate")
     wait_done(page)
     assert page.locator(".msg.assistant").count() == 1 and page.locator(".msg.user").count() == 1
+    assert page.locator(".msg.assistant[data-old]").count() == 0, "the old answer's message was replaced"
+    assert page.locator(".msg.assistant .answer").last.text_content() == first, "greedy: the same answer again"
+    assert "finish" in page.locator(".msg.assistant .meta").last.text_content()
+    # Regenerating asked again with the same history, the old answer left out of it ...
+    assert len(bodies) == 2 and bodies[1]["messages"] == bodies[0]["messages"] == [{"role": "user", "content": "hi"}]
+    # ... and the next turn carries the new answer once.
+    send(page, "and then?", max_tokens=2)
+    wait_done(page)
+    history = bodies[2]["messages"]
+    assert [m["role"] for m in history] == ["user", "assistant", "user"] and history[1]["content"]
+    assert history[0]["content"] == "hi" and history[2]["content"] == "and then?"
     page.click("#clear")
     assert page.locator(".msg").count() == 0
 
