@@ -6,7 +6,6 @@ import base64
 import json
 import io
 import re
-import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -39,15 +38,17 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
 
 
 def settled(port: int, quiet_s: float = 2.5) -> dict:
-    """A scrape once earlier tests' metrics stopped arriving (Ray exports them every second)."""
-    previous, deadline = scrape(port), time.monotonic() + 30
-    while time.monotonic() < deadline:
-        time.sleep(quiet_s)
+    """A scrape once earlier tests' metrics stopped arriving: two scrapes `quiet_s` apart agree (Ray exports
+    every second, so a metric still changing shows in that time)."""
+    previous: list[dict] = []  # the last scrape; none before the first call, which only takes one
+
+    def unchanged() -> tuple[dict] | None:
         current = scrape(port)
-        if current == previous:
-            return current
-        previous = current
-    return previous
+        same = bool(previous) and current == previous[0]
+        previous[:] = [current]
+        return (current,) if same else None  # a tuple: an empty scrape (nothing counted yet) is settled too
+
+    return wait_until(unchanged, timeout=60, interval=quiet_s, what="earlier tests' metrics to stop changing")[0]
 
 
 def value(samples, name: str, **labels) -> float:
