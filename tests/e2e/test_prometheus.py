@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -73,12 +74,25 @@ def dashboard_queries() -> list[str]:
     return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
 
 
+def overload(serve_url: str) -> list[int]:
+    """A burst past the single app's capacity (4 running + 2 queued): some requests are rejected."""
+    def call(_) -> int:
+        with httpx.Client(base_url=serve_url, timeout=120) as http:
+            return http.post(f"/single{CHAT}", json={"messages": HELLO, "max_tokens": 200, "min_tokens": 200}).status_code
+
+    with ThreadPoolExecutor(10) as pool:
+        return list(pool.map(call, range(10)))
+
+
 @pytest.fixture(scope="module")
-def scraped(prometheus, client) -> str:
-    """Traffic that makes every dashboard series exist (a plain request, a two-turn image chat), then waits
-    until Prometheus holds them all, found through Ray's discovery file."""
+def scraped(prometheus, client, serve_url) -> str:
+    """Traffic that gives every dashboard query something to show (a plain request, a two-turn image chat, an
+    overload burst for the rejected requests), then waits until Prometheus holds every series, found through
+    Ray's discovery file."""
     assert client.post(CHAT, json={"model": "thinking", "messages": HELLO, "max_tokens": 3}).status_code == 200
     chat_turns(client, "", png_data_url(), 2, question="prometheus?")
+    statuses = overload(serve_url)
+    assert 503 in statuses and 200 in statuses, statuses
     wanted = set(re.findall(r"ray_minicpm_\w+", DASHBOARD.read_text()))
 
     def missing() -> set[str]:
@@ -96,7 +110,10 @@ def test_prometheus_finds_the_service_through_rays_discovery_file(scraped):
 
 
 @pytest.mark.parametrize("expr", dashboard_queries())
-def test_every_dashboard_query_evaluates_in_prometheus(scraped, expr):
+def test_every_dashboard_query_evaluates_in_prometheus_to_series(scraped, expr):
+    """Each query runs without an error and returns series: a query of a wrong name or label value would run
+    too, and show an empty panel. (A rate needs two samples after the traffic: waited for.)"""
     # Grafana's "All" for $application is the regex .*; $__rate_interval is at least 4 scrape intervals.
     concrete = expr.replace("$application", ".*").replace("$__rate_interval", "1m")
-    query(scraped, concrete)
+    series = wait_until(lambda: query(scraped, concrete), timeout=60, interval=1, what=f"series of {concrete}")
+    assert all(len(s["value"]) == 2 for s in series)
