@@ -39,12 +39,21 @@ class ModelSettings(BaseModel):
         default=None, gt=0,
         description="Prompt + max_tokens limit. Default: the checkpoint's max_position_embeddings.",
     )
+    decode_path: Literal["engine", "transformers"] = Field(
+        default="engine",
+        description="What runs a decode step. engine: the engine's own text tower (deployments/engine/tower.py: fused "
+        "projections, linear-attention states updated in place, grouped-head attention over the slot cache; the same "
+        "checkpoint tensors, logits equal to transformers' within rounding). transformers: the checkpoint's "
+        "transformers modules (the reference). Prompts are prefilled by transformers' modules either way.",
+    )
     compile_decode: bool = Field(
-        default=False,
-        description="Compile the decode step with torch.compile (inductor; needs a C++ compiler on CPU). A background "
-        "thread builds the graphs when the replica starts (30-60 s on 2 CPU cores; a compiler cache makes later "
-        "starts faster) while requests decode eagerly; then every step runs compiled. Measured 1.2-1.5x faster for "
-        "one stream of the small preset on a 2-core CPU (BENCHMARKS.md). If compiling fails, decoding stays eager.",
+        default=True,
+        description="Compile the decode step with torch.compile (inductor; needs a C++ compiler on CPU; on a CPU the "
+        "engine's tower is compiled with its weights frozen, which lets inductor prepack them for oneDNN's bf16 "
+        "kernels). A background thread builds the graphs when the replica starts while requests decode eagerly, "
+        "logging when it is done; then every step runs compiled. Cold, about a minute on 2 CPU cores for the small "
+        "preset; the compiler's cache (MINICPM_COMPILE_CACHE) makes later starts faster. If compiling fails, "
+        "decoding stays eager. false: eager steps only.",
     )
     compile_resumed_prefill: bool = Field(
         default=False,

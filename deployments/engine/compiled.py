@@ -25,9 +25,11 @@ raises fails its rows and turns those graphs off for the replica's later calls.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -59,7 +61,8 @@ class CompiledForward:
     fallback = "eager_on_recompile"
     name = "forward"
 
-    def __init__(self, eager: Callable, compile: bool, warm_up: Callable[[Callable], None]) -> None:
+    def __init__(self, eager: Callable, compile: bool, warm_up: Callable[[Callable], None],
+                 freeze: bool = False) -> None:
         self._eager = eager
         self._compiled: Callable | None = None
         self.compiled_calls = 0  # calls handed to the compiled graphs (one no graph fits runs eagerly there)
@@ -67,10 +70,15 @@ class CompiledForward:
         self.error: Exception | None = None  # why compiling, or a compiled call, failed, if one did
         self._thread: threading.Thread | None = None
         if compile:
+            _use_compile_cache()
             # Guards on the modules' attributes cost about 1 ms per call and protect nothing: the
             # engine never changes its model's modules.
-            graphs = torch.compile(eager, dynamic=True,
-                                   options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+            # `freeze`: the module's weights become constants of the graphs, which lets inductor prepack them for
+            # the CPU's matrix kernels (oneDNN: AVX512-BF16 / AMX). The prepacked copies add to the weights' memory.
+            options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+            if freeze:
+                options["freezing"] = True
+            graphs = torch.compile(eager, dynamic=True, options=options)
             self._thread = threading.Thread(target=self._warm_up, args=(graphs, warm_up),
                                             name=f"{self.name.replace(' ', '-')}-compile", daemon=True)
             self._thread.start()
@@ -111,6 +119,8 @@ class CompiledForward:
 
     def _warm_up(self, graphs: Callable, warm_up: Callable[[Callable], None]) -> None:
         started = time.monotonic()
+        logger.info("Compiling the %s in the background (cache: %s); it runs eagerly until then", self.name,
+                    os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
 
         def run(*args):
             with _COMPILE_LOCK:
@@ -128,19 +138,26 @@ class CompiledForward:
         logger.info("The %s compiled in %.0f s; running it compiled", self.name, self.warm_up_s)
 
 
+COMPILE_CACHE_ENV = "MINICPM_COMPILE_CACHE"
+
+
+def _use_compile_cache() -> None:
+    """Inductor's on-disk caches (compiled kernels, graphs) in a directory that outlives the process and /tmp
+    cleaning: MINICPM_COMPILE_CACHE, else ~/.cache/minicpm-serve/compile; a later start of the same graphs then
+    skips most of the compile. An explicit TORCHINDUCTOR_CACHE_DIR wins."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minicpm-serve" / "compile"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.environ.get(COMPILE_CACHE_ENV, str(default)))
+
+
 class DecodeStep(CompiledForward):
-    """Logits (rows, vocab) of the next token of each running row, from its last token and the cache."""
+    """Logits (rows, vocab) of the next token of each running row, from its last token and the cache:
+    `forward(ids (rows, 1), positions (rows, 1), mask, cache)`, the engine's own text tower
+    (`deployments/engine/tower.py`) or the transformers modules' (`reference_decode`)."""
 
     name = "decode step"
 
-    def __init__(self, text: torch.nn.Module, lm_head: torch.nn.Module, compile: bool,
-                 scratch_cache: Callable[[], SlotCache]) -> None:
-        def step(ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                 cache: SlotCache) -> torch.Tensor:
-            hidden = text(input_ids=ids, position_ids=positions, cache=cache, use_cache=True,
-                          attention_mask={"full_attention": mask, "linear_attention": None}).last_hidden_state
-            return lm_head(hidden[:, -1])
-
+    def __init__(self, forward: Callable, compile: bool, scratch_cache: Callable[[], SlotCache],
+                 freeze: bool = False) -> None:
         def warm_up(run: Callable) -> None:
             """The one-row and the several-row graph, on a scratch cache."""
             cache = scratch_cache()
@@ -151,12 +168,22 @@ class DecodeStep(CompiledForward):
                 _mark_dynamic(ids, positions, mask, cache)
                 run(ids, positions, mask, cache)
 
-        super().__init__(step, compile, warm_up)
+        super().__init__(forward, compile, warm_up, freeze)
 
     @property
     def compiled_steps(self) -> int:
         """Decode steps run by a compiled graph."""
         return self.compiled_calls
+
+
+def reference_decode(text: torch.nn.Module, lm_head: torch.nn.Module) -> Callable:
+    """The decode step through the checkpoint's transformers modules (the reference the engine's tower matches)."""
+    def step(ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: SlotCache) -> torch.Tensor:
+        hidden = text(input_ids=ids, position_ids=positions, cache=cache, use_cache=True,
+                      attention_mask={"full_attention": mask, "linear_attention": None}).last_hidden_state
+        return lm_head(hidden[:, -1])
+
+    return step
 
 
 class SuffixForward(CompiledForward):

@@ -85,7 +85,7 @@ class Engine:
             reuse.PrefixCache(config.prefix_cache_bytes, on_cache, config.prefix_cache_min_tokens,
                               every_turn=not config.prefix_cache_answers),
             reuse.VisionCache(config.vision_cache_bytes, on_cache), config.compile_decode,
-            config.compile_resumed_prefill,
+            config.compile_resumed_prefill, config.decode_path,
         )
         self.core = EngineCore(runner, config.max_batch_size, config.batch_wait_ms / 1000,
                                config.continuous_batching, config.prefill_chunk_tokens, on_batch_rows)

@@ -19,11 +19,12 @@ from typing import Protocol
 import torch
 from transformers.cache_utils import DynamicCache
 
-from deployments.engine.compiled import DecodeStep, SuffixForward
+from deployments.engine.compiled import DecodeStep, SuffixForward, reference_decode
 from deployments.engine.prefill import AnswerJob, Family, Prefill, StateTaps, restore, snapshot
 from deployments.engine.reuse import PrefixCache, Snapshot, VisionCache
 from deployments.engine.rows import Row, merge_inputs
 from deployments.engine.slots import SlotCache
+from deployments.engine.tower import TextTower
 
 
 class ModelRunner(Protocol):
@@ -64,7 +65,7 @@ class TransformersRunner:
 
     def __init__(self, model, max_rows: int, max_len: int, pad_token_id: int, prefill_tokens: int,
                  prefix_cache: PrefixCache, vision_cache: VisionCache, compile_decode: bool = False,
-                 compile_suffix: bool = False) -> None:
+                 compile_suffix: bool = False, decode_path: str = "engine") -> None:
         self.model, self.text, self.lm_head = model, model.model.language_model, model.lm_head
         self.text_config = model.config.get_text_config()
         self.vocab_size = self.text_config.vocab_size
@@ -79,7 +80,14 @@ class TransformersRunner:
         with torch.inference_mode():  # as every tensor the engine thread makes: a compiled step guards on it
             self.cache = slot_cache()
             self._next_ids = torch.zeros(max_rows, dtype=torch.long, device=self.device)
-        self.step = DecodeStep(self.text, self.lm_head, compile_decode, lambda: slot_cache(initial_len=16))
+        # The decode step: the engine's own text tower (fused projections, in-place states), or transformers'.
+        if decode_path == "engine":
+            forward = TextTower(self.text, self.lm_head)
+        else:
+            forward = reference_decode(self.text, self.lm_head)
+        self.decode_path = decode_path
+        self.step = DecodeStep(forward, compile_decode, lambda: slot_cache(initial_len=16),
+                               freeze=self.device.type == "cpu" and decode_path == "engine")
         self.taps = StateTaps(self.text)  # before the suffix graphs are traced: they trace through it
         self.suffix = SuffixForward(self.text, compile_suffix, self.text_config.hidden_size, model.dtype, self.device)
 

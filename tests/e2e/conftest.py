@@ -42,7 +42,7 @@ def app_args(dtype: str = EXACT_DTYPE, **overrides) -> dict:
     variant = {
         # float32: the HTTP tests compare answers with plain generate and seeds across requests
         # (tests/kinds.py); the secure and fuzz apps run at `dtype: auto`, so the default path is served too.
-        "model": {"checkpoint": "preset:tiny", "torch_threads": 1, "dtype": dtype},
+        "model": {"checkpoint": "preset:tiny", "torch_threads": 1, "dtype": dtype, "compile_decode": False},
         "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5},
                        "max_ongoing_requests": 4, "max_queued_requests": 2,
                        # Long enough for the redeploy test's 3000-token stream on a busy CPU.

@@ -47,7 +47,7 @@ def main() -> int:
     port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     args = AppArgs.model_validate({
-        "instruct": {"model": {"checkpoint": "preset:tiny", "torch_threads": 1},
+        "instruct": {"model": {"checkpoint": "preset:tiny", "torch_threads": 1, "compile_decode": False},
                      "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5,
                                                                             "resources": {"model_node": 0.5}}}},
         "thinking": None,

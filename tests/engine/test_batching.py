@@ -21,19 +21,19 @@ from tests.waiting import wait_until_async
 @pytest.fixture(scope="module")
 def batched(tiny_checkpoints) -> Engine:
     # A long wait makes requests submitted together land in one batch, deterministically.
-    return Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]),
+    return Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]),
                               dtype=EXACT_DTYPE, max_batch_size=8, batch_wait_ms=300))
 
 
 @pytest.fixture(scope="module")
 def static(tiny_checkpoints) -> Engine:
-    return Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]),
+    return Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]),
                               dtype=EXACT_DTYPE, max_batch_size=8, batch_wait_ms=300, continuous_batching=False))
 
 
 @pytest.fixture(scope="module")
 def one_at_a_time(tiny_checkpoints) -> Engine:
-    return Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), dtype=EXACT_DTYPE,
+    return Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), dtype=EXACT_DTYPE,
                               max_batch_size=1))
 
 

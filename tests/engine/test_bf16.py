@@ -35,19 +35,22 @@ def request(text: str) -> GenerationRequest:
 
 
 class Logits:
-    """Every lm_head output of the engine, in call order: request id -> its row's logits (float32 copies).
-    The rows are the prefill group's while a prefill runs, else the decode batch's (in slot order)."""
+    """Every batch of logits the engine samples from, in order: request id -> its row's logits (float32 copies):
+    a prefill group's rows as they join, or the decode batch's (in slot order)."""
 
     def __init__(self, engine: Engine) -> None:
         self.calls: list[dict[str, torch.Tensor]] = []
         core = engine.core
 
-        def record(module, args, out) -> None:
-            rows = core._prefill.rows if core._prefill else core._rows
-            logits = out.detach().float().reshape(-1, out.shape[-1])
-            self.calls.append({row.request_id: logits[i].clone() for i, row in enumerate(rows)})
+        sample = core._sample_and_update
 
-        engine.model.lm_head.register_forward_hook(record)
+        def record(logits: torch.Tensor, first: int) -> None:
+            rows = core._rows[first:]  # a prefill's rows have just joined: they are the last ones
+            copies = logits.detach().float()
+            self.calls.append({row.request_id: copies[i].clone() for i, row in enumerate(rows)})
+            sample(logits, first)
+
+        core._sample_and_update = record
 
 
 def record_rows(engine: Engine) -> dict[str, list[int]]:
@@ -78,11 +81,11 @@ def cpu(request, monkeypatch) -> str:
 def bf16_engine(checkpoint, cpu: str, **settings) -> Engine:
     # On a native kind `auto` is bf16 already; on an emulated one bf16 must be asked for.
     dtype = "auto" if cpu == "native" else "bfloat16"
-    return Engine(ModelConfig(variant="instruct", checkpoint=str(checkpoint), torch_threads=1, dtype=dtype, **settings))
+    return Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(checkpoint), torch_threads=1, dtype=dtype, **settings))
 
 
 def test_auto_resolves_to_bf16_only_where_the_cpu_is_taken_for_native(tiny_checkpoints, cpu):
-    engine = Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), torch_threads=1))
+    engine = Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), torch_threads=1))
     assert engine.model.dtype == (torch.bfloat16 if cpu == "native" else torch.float32)
     assert not any(isinstance(m, RowAdaptiveLinear) for m in engine.model.modules())
 

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 def engine(checkpoints, variant: str = "instruct", **settings) -> Engine:
-    return Engine(ModelConfig(variant=variant, checkpoint=str(checkpoints[variant]), torch_threads=1,
+    return Engine(ModelConfig(compile_decode=False, variant=variant, checkpoint=str(checkpoints[variant]), torch_threads=1,
                               **{"dtype": EXACT_DTYPE, **settings}))
 
 

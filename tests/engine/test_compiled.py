@@ -20,10 +20,11 @@ from torch._dynamo.utils import counters
 from transformers.cache_utils import DynamicCache
 
 from deployments.engine import checkpoint
-from deployments.engine.compiled import SUFFIX_MAX, CompiledForward, DecodeStep
+from deployments.engine.compiled import SUFFIX_MAX, CompiledForward, DecodeStep, reference_decode
 from deployments.common.config import ModelConfig
 from deployments.engine.engine import Engine
 from deployments.engine.slots import SlotCache
+from deployments.engine.tower import TextTower
 from deployments.common.types import ChatMessage, GenerationRequest, SamplingParams
 from tests.waiting import wait_until_async
 
@@ -62,9 +63,16 @@ def prefill(model, cache: SlotCache, prompts: list[torch.Tensor]) -> None:
         cache.load(slot, prefilled, 0, 0, len(ids))
 
 
-def test_the_compiled_step_gives_the_eager_logits_for_every_batch_shape(model):
+@pytest.mark.parametrize("forward", ["engine", "transformers"])
+def test_the_compiled_step_gives_the_eager_reference_logits_for_every_batch_shape(model, forward):
+    """Either decode forward, compiled (the engine's tower frozen, as on a CPU replica), against the eager step of
+    transformers' modules."""
     text, lm_head = model.model.language_model, model.lm_head
-    step = DecodeStep(text, lm_head, True, lambda: slot_cache(model, 16))
+    reference = reference_decode(text, lm_head)
+    if forward == "engine":
+        step = DecodeStep(TextTower(text, lm_head), True, lambda: slot_cache(model, 16), freeze=True)
+    else:
+        step = DecodeStep(reference, True, lambda: slot_cache(model, 16))
     assert step.wait_compiled(COMPILE_TIMEOUT_S), step.error
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, 1000, (length,), generator=generator) for length in (5, 11, 2)]
@@ -78,7 +86,7 @@ def test_the_compiled_step_gives_the_eager_logits_for_every_batch_shape(model):
         for rows in (1, 3, 2, 1):
             for _ in range(6):
                 positions, mask = eager.begin_step(rows)
-                expected = step._eager(ids[:rows, None], positions, mask, eager)
+                expected = reference(ids[:rows, None], positions, mask, eager)
                 positions, mask = compiled.begin_step(rows, masked=rows > 1)
                 got = step(ids[:rows, None], positions, mask, compiled)
                 torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -97,7 +105,8 @@ def test_a_step_the_graphs_do_not_cover_runs_eagerly_by_default(model, monkeypat
     """The production stance: a call no graph covers (here an input of another dtype) is not compiled
     under the running rows' feet; it runs eagerly and gives the eager logits."""
     monkeypatch.setattr(DecodeStep, "fallback", "eager_on_recompile")
-    step = DecodeStep(model.model.language_model, model.lm_head, True, lambda: slot_cache(model, 16))
+    step = DecodeStep(TextTower(model.model.language_model, model.lm_head), True, lambda: slot_cache(model, 16),
+                      freeze=True)
     assert step.wait_compiled(COMPILE_TIMEOUT_S), step.error
     with torch.inference_mode():
         eager, other = slot_cache(model, 16), slot_cache(model, 16)
@@ -149,7 +158,7 @@ def suffix_engine(tiny_checkpoints):
     """An engine whose resumed prefills run compiled (its prefix cache on, as by default), graphs built."""
     torch.set_num_threads(1)
     graphs = counters["stats"]["unique_graphs"]
-    engine = Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), torch_threads=1,
+    engine = Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), torch_threads=1,
                                 dtype="float32", compile_resumed_prefill=True))
     assert engine.core.runner.suffix.wait_compiled(COMPILE_TIMEOUT_S), engine.core.runner.suffix.error
     # One graph per linear-attention chunk size: traced through the engine's StateTaps, which picks the chunk.

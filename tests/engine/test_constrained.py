@@ -39,7 +39,7 @@ TIME = {"name": "get_time", "parameters": {"type": "object", "properties": {"zon
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoints) -> Engine:
-    return Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), max_batch_size=8,
+    return Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), max_batch_size=8,
                               batch_wait_ms=200, torch_threads=1, dtype=EXACT_DTYPE))
 
 

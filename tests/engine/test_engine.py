@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 def engine_config(checkpoint, variant: str = "instruct", **overrides) -> ModelConfig:
-    return ModelConfig(variant=variant, checkpoint=str(checkpoint), torch_threads=THREADS,
+    return ModelConfig(compile_decode=False, variant=variant, checkpoint=str(checkpoint), torch_threads=THREADS,
                        **{"dtype": EXACT_DTYPE, **overrides})
 
 
@@ -116,18 +116,22 @@ def reasoning(chunks: list[Chunk]) -> str:
 
 @contextmanager
 def forward_counter(engine: Engine) -> Iterator[list[int]]:
-    """Counts forwards of the text tower: [all, decode steps]. Observes only."""
-    calls = [0, 0]
+    """Counts the forwards the engine's model runner runs: [all, decode steps]. Observes only."""
+    calls, runner = [0, 0], engine.core.runner
+    prefill_chunk, decode = runner.prefill_chunk, runner.decode
 
-    def hook(module, args, kwargs, output):
-        calls[0] += 1
-        calls[1] += kwargs.get("inputs_embeds") is None  # a decode step feeds token ids, a prefill embeddings
+    def counted(forward, is_decode: bool):
+        def run(*args):
+            calls[0] += 1
+            calls[1] += is_decode
+            return forward(*args)
+        return run
 
-    handle = engine.model.model.language_model.register_forward_hook(hook, with_kwargs=True)
+    runner.prefill_chunk, runner.decode = counted(prefill_chunk, False), counted(decode, True)
     try:
         yield calls
     finally:
-        handle.remove()
+        runner.prefill_chunk, runner.decode = prefill_chunk, decode
 
 
 async def wait_idle(engine: Engine, timeout: float = 1.0) -> float:
@@ -437,18 +441,18 @@ async def test_checkpoint_without_image_token_ids_is_repaired(tiny_checkpoints, 
 def test_missing_checkpoint_directory_is_a_checkpoint_error(tmp_path):
     missing = tmp_path / "no-such-checkpoint"
     with pytest.raises(CheckpointError, match="does not exist") as error:
-        Engine(ModelConfig(variant="instruct", checkpoint=str(missing)))
+        Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(missing)))
     assert str(missing) in str(error.value)
 
 
 def test_unknown_preset_is_a_checkpoint_error():
     with pytest.raises(CheckpointError, match="Unknown preset 'nope'") as error:
-        Engine(ModelConfig(variant="instruct", checkpoint="preset:nope"))
+        Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint="preset:nope"))
     assert "tiny" in str(error.value), "the message should list the presets that exist"
 
 
 async def test_a_request_over_max_generation_s_ends_with_length(tiny_checkpoints):
-    engine = Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]),
+    engine = Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]),
                                 max_generation_s=0.3, torch_threads=1))
     request = GenerationRequest([ChatMessage("user", ["long"])], enable_thinking=False,
                                 sampling=SamplingParams(max_tokens=3000, min_tokens=3000))
@@ -459,7 +463,7 @@ async def test_a_request_over_max_generation_s_ends_with_length(tiny_checkpoints
 
 
 async def test_health_check_generates_when_idle_and_passes(tiny_checkpoints):
-    engine = Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), torch_threads=1))
+    engine = Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), torch_threads=1))
     before = engine.core.batch_sizes.copy()
     await engine.check_health()
     assert engine.core.batch_sizes == [*before, 1], "the idle check ran a real one-token generation"
@@ -471,12 +475,16 @@ async def test_a_batch_that_stops_stepping_fails_the_health_check_and_passes_onc
     engine = Engine(engine_config(tiny_checkpoints["instruct"], health_check_stall_s=0.5))
     gate, calls = threading.Event(), []
 
-    def wedged(module, args):
+    runner = engine.core.runner
+    decode = runner.decode
+
+    def wedged(rows: int):
         calls.append(1)
         if len(calls) == 4:
             gate.wait(120)
+        return decode(rows)
 
-    hook = engine.model.model.language_model.register_forward_pre_hook(wedged)
+    runner.decode = wedged
     request = GenerationRequest([ChatMessage("user", ["hi"])], enable_thinking=False,
                                 sampling=SamplingParams(max_tokens=20, min_tokens=20, temperature=0.0))
 
@@ -485,13 +493,13 @@ async def test_a_batch_that_stops_stepping_fails_the_health_check_and_passes_onc
 
     task = asyncio.create_task(generate())
     try:
-        await wait_until_async(lambda: len(calls) >= 4, what="the fourth forward to start")
+        await wait_until_async(lambda: len(calls) >= 4, what="the fourth decode step to start")
         await wait_until_async(lambda: engine.core.stalled_for() > 0.5, what="the stall to pass the limit")
         with pytest.raises(RuntimeError, match="made no progress"):
             await engine.check_health()
     finally:
         gate.set()
     chunks = await task
-    hook.remove()
+    runner.decode = decode
     assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 20
     await engine.check_health()

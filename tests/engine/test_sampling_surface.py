@@ -18,7 +18,7 @@ from tests.waiting import wait_until_async
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoints) -> Engine:
-    return Engine(ModelConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), max_batch_size=8,
+    return Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), max_batch_size=8,
                               torch_threads=1, dtype=EXACT_DTYPE))
 
 
@@ -46,17 +46,25 @@ def reference_ids(engine: Engine, request: GenerationRequest, tokens: int) -> li
 
 
 class ForwardCounter:
-    """Counts forwards of the text tower with a hook (observes only)."""
+    """Counts the forwards the engine's model runner runs, prefill chunks and decode steps (observes only)."""
 
     def __init__(self, engine: Engine) -> None:
-        self.calls, self._module = 0, engine.model.model.language_model
+        self.calls, self._runner = 0, engine.core.runner
 
     def __enter__(self) -> ForwardCounter:
-        self._handle = self._module.register_forward_hook(lambda *args: setattr(self, "calls", self.calls + 1))
+        self._originals = self._runner.prefill_chunk, self._runner.decode
+
+        def counted(forward):
+            def run(*args):
+                self.calls += 1
+                return forward(*args)
+            return run
+
+        self._runner.prefill_chunk, self._runner.decode = map(counted, self._originals)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._handle.remove()
+        self._runner.prefill_chunk, self._runner.decode = self._originals
 
 
 # ---------------------------------------------------------------------------- n

@@ -11,7 +11,7 @@ from deployments.engine.compiled import DecodeStep, SuffixForward
 
 def step_with(compiled) -> DecodeStep:
     """A DecodeStep whose eager step returns zeros and whose 'compiled graphs' are `compiled`."""
-    step = DecodeStep(torch.nn.Identity(), torch.nn.Identity(), False, lambda: None)
+    step = DecodeStep(torch.nn.Identity(), False, lambda: None)
     step._eager = lambda ids, positions, mask, cache: torch.zeros(ids.shape[0], 4)
     step._compiled = compiled
     return step
@@ -38,7 +38,7 @@ def test_a_failing_compiled_step_fails_once_then_the_steps_run_eagerly():
 
 
 def test_without_compile_every_step_is_eager():
-    step = DecodeStep(torch.nn.Identity(), torch.nn.Identity(), False, lambda: None)
+    step = DecodeStep(torch.nn.Identity(), False, lambda: None)
     assert not step.compiled and step.wait_compiled(0) is False and step.warm_up_s is None
 
 

@@ -66,7 +66,7 @@ async def read(r: Row) -> list[int]:
 @pytest.fixture
 def core() -> EngineCore:
     runner = TransformersRunner(FakeModel(), max_rows=4, max_len=512, pad_token_id=0, prefill_tokens=512,
-                                prefix_cache=PrefixCache(0), vision_cache=VisionCache(0))
+                                prefix_cache=PrefixCache(0), vision_cache=VisionCache(0), decode_path="transformers")
     return EngineCore(runner, max_rows=4, batch_wait_s=0.0)
 
 
