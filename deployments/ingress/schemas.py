@@ -276,34 +276,44 @@ class ChatCompletionRequest(BaseModel):
 
 def _shallow_enough(value: object) -> object:
     """Refuse JSON nested deeper than MAX_SCHEMA_DEPTH (schemas are walked recursively downstream)."""
+    if nested_deeper(value, MAX_SCHEMA_DEPTH):
+        raise ValueError(f"the schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
+    return value
+
+
+def nested_deeper(value: object, limit: int) -> bool:
+    """Whether JSON `value` nests lists/objects more than `limit` levels deep (walked without recursion)."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
         if children is None:
             continue
-        if depth > MAX_SCHEMA_DEPTH:
-            raise ValueError(f"the schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
+        if depth > limit:
+            return True
         stack.extend((child, depth + 1) for child in children)
-    return value
+    return False
 
 
 def _surrogate_path(value: object, path: str) -> str | None:
-    """The path of the first string (or key) in `value` holding a lone surrogate, else None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-        return None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        child = f"{path}.{key}" if path else str(key)
-        if isinstance(key, str) and _surrogate_path(key, child) is not None:
-            return path or "body"
-        found = _surrogate_path(item, child)
-        if found is not None:
-            return found
+    """The path of the first string (or key) in `value` holding a lone surrogate, else None. Walked with a stack
+    of its own, in document order: a body nested as deep as the JSON parser allows cannot exhaust Python's."""
+    stack: list[tuple[object, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "body"
+            continue
+        pairs = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        children = []
+        for key, child in pairs:
+            if isinstance(key, str) and _surrogate_path(key, "") is not None:
+                return where or "body"
+            children.append((child, f"{where}.{key}" if where else str(key)))
+        stack.extend(reversed(children))
     return None
 
 

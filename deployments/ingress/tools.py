@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 
 from deployments.common.text import partial_suffix
+from deployments.ingress.schemas import MAX_SCHEMA_DEPTH, nested_deeper
 from deployments.common.toolformat import (
     CALL_CLOSE, CALL_OPEN, FUNCTION_CLOSE, FUNCTION_OPEN, PARAMETER_CLOSE, PARAMETER_OPEN,
 )
@@ -168,7 +169,9 @@ def typed_value(raw: str, schema: dict | None) -> object:
         return raw
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past what the parser takes
+        return raw
+    if nested_deeper(value, MAX_SCHEMA_DEPTH):  # the client gets it as text: re-encoding it would recurse as deep
         return raw
     if not kinds or _matches(value, kinds):
         return value
