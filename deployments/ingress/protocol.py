@@ -181,7 +181,9 @@ def _check_content_size(request: ChatCompletionRequest, limits: RouterArgs) -> N
             raise BadRequestError(f"Message {i} has {len(parts)} content parts; the limit is "
                                   f"{limits.max_content_parts}", param=f"messages.{i}.content")
         chars += sum(len(p) if isinstance(p, str) else len(p.text) for p in parts if isinstance(p, str | TextPart))
-        chars += len(message.reasoning_content or "") + sum(len(c.function.arguments) for c in message.tool_calls or [])
+        # Every other string the client sends that the template renders counts too.
+        chars += len(message.reasoning_content or "") + len(message.name or "") + len(message.tool_call_id or "")
+        chars += sum(len(c.id) + len(c.function.name) + len(c.function.arguments) for c in message.tool_calls or [])
     # Tool definitions are rendered into the prompt, and they and a response schema become grammars.
     chars += sum(len(tool.model_dump_json()) for tool in request.tools or [])
     if request.response_format and request.response_format.json_schema:

@@ -17,6 +17,8 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_N = 128
 MAX_TOOLS = 128
 MAX_SCHEMA_DEPTH = 64
+MAX_TOOL_CALLS = 128  # per assistant message: each is rendered into the prompt
+FUNCTION_NAME = r"^[A-Za-z0-9_.\-]{1,64}$"  # a tool's name, in its definition and in the calls sent back
 
 
 class _Strict(BaseModel):
@@ -54,7 +56,7 @@ MessagePart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="t
 
 
 class FunctionCall(_Strict):
-    name: str
+    name: str = Field(pattern=FUNCTION_NAME)
     arguments: str = Field(description="The call's arguments: a JSON object, as a string.")
 
 
@@ -71,7 +73,8 @@ class Message(_Strict):
     # The chat template renders an assistant turn's reasoning again only after the last user query
     # (an agent's tool loop); earlier reasoning is dropped.
     reasoning_content: str | None = None
-    tool_calls: list[MessageToolCall] | None = Field(default=None, description="An assistant turn's tool calls.")
+    tool_calls: list[MessageToolCall] | None = Field(default=None, max_length=MAX_TOOL_CALLS,
+                                                     description="An assistant turn's tool calls.")
     tool_call_id: str | None = Field(default=None, description="A tool turn: the call it answers.")
 
     @model_validator(mode="after")
@@ -85,7 +88,7 @@ class Message(_Strict):
 
 
 class FunctionDefinition(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    name: str = Field(pattern=FUNCTION_NAME)
     description: str | None = None
     parameters: dict[str, Any] | None = Field(default=None, description="The arguments' JSON schema (an object).")
     strict: bool | None = Field(default=None, description="Accepted; forced calls are always schema-valid.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from deployments.common.config import ModelConfig, RouterArgs
 from deployments.common.errors import BadRequestError, ModelNotFoundError, UnsupportedParameterError
@@ -200,3 +201,36 @@ async def test_a_stream_of_n_choices_with_a_tool_call_and_reasoning_renders_per_
     assert deltas[0][0]["delta"] == {"role": "assistant", "content": "plain"}
     assert payloads[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
     assert sum(1 for p in payloads if "usage" in p) == 1
+
+
+def assistant_call(name: str = "get_weather", call_id: str = "call_1", arguments: str = "{}") -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def with_calls(*calls: dict, **message) -> list[dict]:
+    return [{"role": "user", "content": "weather?"}, {"role": "assistant", "tool_calls": list(calls), **message},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+
+
+def test_a_tool_call_sent_back_must_have_a_tool_name_and_their_number_is_capped():
+    with pytest.raises(ValidationError, match="name"):
+        request(messages=with_calls(assistant_call(name="x" * 5_000_000)))
+    with pytest.raises(ValidationError, match="name"):
+        request(messages=with_calls(assistant_call(name="two words")))
+    with pytest.raises(ValidationError, match="128"):
+        request(messages=with_calls(*[assistant_call(call_id=f"call_{i}") for i in range(129)]))
+    request(messages=with_calls(*[assistant_call(call_id=f"call_{i}") for i in range(128)]))
+
+
+@pytest.mark.parametrize("where", ["call id", "tool_call_id", "name"])
+async def test_every_client_string_counts_toward_max_text_chars(where):
+    big = "x" * 2000
+    messages = with_calls(assistant_call(call_id=big if where == "call id" else "call_1"))
+    if where == "tool_call_id":
+        messages[2]["tool_call_id"] = big
+    if where == "name":
+        messages[0]["name"] = big
+    limits = RouterArgs(max_text_chars=1000)
+    with pytest.raises(BadRequestError, match="characters of text; the limit is 1000"):
+        await to_generation_request(request(messages=messages), False, "r", limits, no_media)
+    await to_generation_request(request(messages=with_calls(assistant_call())), False, "r", limits, no_media)
