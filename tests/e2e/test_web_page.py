@@ -149,6 +149,7 @@ def test_attached_image_is_previewed_and_reaches_the_model(page, tmp_path):
     # The browser sent the file itself, and the model's vision tower encoded one new image for it.
     [body] = bodies
     parts = body["messages"][-1]["content"]
+    assert isinstance(parts, list), f"the page sent text only: {parts!r}"
     assert [p["type"] for p in parts] == ["image_url", "text"] and parts[1]["text"] == "what colour is this?"
     assert parts[0]["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
     assert process_info(FULL_APP, "instruct")["vision_cache"]["misses"] == encoded + 1
