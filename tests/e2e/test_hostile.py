@@ -244,5 +244,6 @@ def test_a_client_that_leaves_before_its_first_token_is_dropped_from_the_queue_a
     wait_until(lambda: running_generations(SINGLE_APP, "instruct") == 0, what="the replica to stop generating")
 
 
+# Depends on test order: last in the module on purpose, after every hostile request above.
 def test_the_service_still_answers_after_all_of_it(client):
     assert answered(client, ask("still here", 3))["usage"]["completion_tokens"] == 3

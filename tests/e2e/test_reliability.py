@@ -101,6 +101,8 @@ def test_fuzzed_bodies_never_get_a_5xx(client, body):
         assert set(response.json()["error"]) >= {"message", "type", "code", "param"}
 
 
+# Depends on test order: it means something only right after the fuzzing above (pytest runs a module's tests
+# in file order); alone it still passes, as a plain health check.
 def test_service_is_healthy_after_the_fuzzing(client):
     assert client.get("/health").status_code == 200
     assert client.post(CHAT, json={"messages": HELLO, "max_tokens": 2}).status_code == 200
