@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import sys
-import time
 
 import httpx
 import ray
@@ -18,6 +17,7 @@ from ray.cluster_utils import Cluster
 
 from deployments.common.config import AppArgs
 from serve_app import build_app
+from tests.waiting import wait_until
 
 BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
@@ -29,15 +29,19 @@ def free_port() -> int:
 
 
 def answers(url: str, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    """Whether the service answers a chat request within `seconds` (asked once a second)."""
+    def answered() -> bool:
         try:
-            if httpx.post(f"{url}/v1/chat/completions", json=BODY, timeout=20).status_code == 200:
-                return True
+            return httpx.post(f"{url}/v1/chat/completions", json=BODY, timeout=20).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    return False
+            return False
+
+    try:
+        wait_until(answered, timeout=seconds, interval=1, what="the service to answer")
+    except AssertionError as timed_out:
+        print(timed_out, flush=True)
+        return False
+    return True
 
 
 def main() -> int:
