@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
 
 _url: str | None = None
+_loop: asyncio.AbstractEventLoop | None = None
 
 
 def start_app(args: dict, name: str = "bench") -> str:
@@ -43,15 +45,27 @@ def stop_app() -> None:
     _url = None
 
 
+def process_info(name: str = "instruct", app: str = "bench") -> dict:
+    """The bench app's `name` replica's process_info(), asked from inside an event loop (a handle made outside
+    one fails when Serve runs its router in the caller's loop, as RAY_SERVE_THROUGHPUT_OPTIMIZED does)."""
+    from ray import serve
+
+    global _loop
+    if _loop is None or _loop.is_closed():
+        _loop = asyncio.new_event_loop()  # one loop for every call: a handle stays bound to the loop it was made in
+
+    async def ask() -> dict:
+        return await serve.get_deployment_handle(name, app_name=app).process_info.remote()
+
+    return _loop.run_until_complete(ask())
+
+
 def wait_compiled(part: str, timeout_s: float = 1800) -> None:
     """Wait until the bench app's instruct replica runs `part` ("decode" or "resumed_prefill", as its
     `process_info` names them) compiled: the graphs are built in the background after it starts."""
-    from ray import serve
-
-    handle = serve.get_deployment_handle("instruct", app_name="bench")
     deadline = time.monotonic() + timeout_s
     while True:
-        info = handle.process_info.remote().result()[part]
+        info = process_info()[part]
         if info["compiled"]:
             print(f"{part} compiled in {info['compile_s']:.0f} s", flush=True)
             return

@@ -72,8 +72,10 @@ def sample(logits: torch.Tensor, params: BatchParams, generators: Sequence[torch
     """One token per row of `logits` (rows, vocab), as a tensor of shape (rows, 2): token, failed.
 
     `seen` (rows, vocab, bool) marks the ids the repetition penalty applies to; `blocked` (rows,
-    len(eos_ids), bool) marks the end ids each row may not sample yet (min_tokens).
+    len(eos_ids), bool) marks the end ids each row may not sample yet (min_tokens). May write into `logits`.
     """
+    if params.greedy and not (params.use_penalty and seen is not None):
+        return _greedy(logits, blocked, eos_ids)
     logits = logits.float()
     broken = torch.isnan(logits).any(dim=-1)
     logits = logits.nan_to_num(nan=-torch.inf, posinf=_FLOAT_MAX, neginf=-torch.inf)  # +inf: the softmax's NaN
@@ -95,6 +97,18 @@ def sample(logits: torch.Tensor, params: BatchParams, generators: Sequence[torch
             noise[row].exponential_(generator=generator)
     drawn = (probs / noise).argmax(dim=-1)
     tokens = torch.where(params.sampled, drawn, greedy_tokens)
+    return torch.stack([tokens, failed.long()], dim=1)
+
+
+def _greedy(logits: torch.Tensor, blocked: torch.Tensor | None, eos_ids: torch.Tensor | None) -> torch.Tensor:
+    """Every row greedy, no penalty: one pass over the logits, in their own dtype (bf16 to float32 is exact, so
+    the argmax is the one of the general path). A NaN wins argmax and a row of -inf keeps -inf: either fails the
+    row, as the general path decides; +inf is a valid maximum there too (clamped to the largest float)."""
+    if blocked is not None and eos_ids is not None:
+        logits[:, eos_ids] = logits[:, eos_ids].masked_fill(blocked, -torch.inf)
+    tokens = logits.argmax(dim=-1)
+    best = logits.gather(1, tokens[:, None])[:, 0]
+    failed = torch.isnan(best) | (best == -torch.inf)
     return torch.stack([tokens, failed.long()], dim=1)
 
 

@@ -112,3 +112,21 @@ def test_extreme_but_valid_parameters_never_fail_a_row_with_finite_logits(rows, 
     tokens, failed = draw(logits, rows, seen=seen)
     assert failed == [0] * len(rows)
     assert all(0 <= t < VOCAB and logits[i, t] > -math.inf for i, t in enumerate(tokens)), "a masked token won"
+
+
+def test_all_greedy_rows_fail_and_pick_as_the_general_path_does():
+    """The all-greedy pass (one argmax over the logits) against the general path's rules: a NaN or a row with no
+    finite logit fails that row only; +inf is a valid maximum; blocked end ids are skipped."""
+    logits = torch.randn(5, VOCAB)
+    logits[0, 5] = math.nan
+    logits[1] = -math.inf
+    logits[2, 9] = math.inf
+    logits[3, 7] = 50.0  # the end id, blocked below
+    expected = logits.nan_to_num(nan=-math.inf, posinf=3e38).argmax(-1).tolist()
+    rows = [RowSampling()] * 5
+    tokens, failed = draw(logits.clone(), rows, blocked=torch.tensor([[False], [False], [False], [True], [False]]),
+                          eos=[7])
+    assert failed == [1, 1, 0, 0, 0]
+    assert tokens[2] == 9 and tokens[3] != 7 and tokens[4] == expected[4]
+    bf16 = logits[2:].to(torch.bfloat16)
+    assert draw(bf16, rows[2:])[0] == bf16.float().nan_to_num(posinf=3e38).argmax(-1).tolist()
