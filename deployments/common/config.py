@@ -253,6 +253,14 @@ class MediaConfig(BaseModel):
     max_image_pixels: int = Field(
         default=40_000_000, gt=0, description="width x height of one image, checked before decoding (bombs)."
     )
+    max_image_decoded_bytes: int = Field(
+        default=256 * MiB, gt=0,
+        description="Decoded RGB bytes (width x height x 3) of all images of one request, checked before each is "
+        "decoded: a few small files of huge flat images cannot fill the router's memory.")
+    max_image_aspect_ratio: float = Field(
+        default=50.0, ge=1.0,
+        description="Longest side over shortest side of one image: a 1,800,000 x 9 strip would become thousands of "
+        "vision tokens encoded in one piece.")
     max_video_bytes: int = Field(default=100 * MiB, gt=0, description="Encoded size of one video.")
     max_video_duration_s: float = Field(default=600.0, gt=0, description="Length of one video.")
     max_video_frame_pixels: int = Field(
@@ -354,3 +362,4 @@ class AppArgs(BaseModel):
         if not configs:
             raise ValueError("At least one of 'instruct' and 'thinking' must be configured")
         return configs
+

@@ -55,18 +55,23 @@ class MediaLoader:
         # Data URLs decoded recently: a chat resends its images every turn. Values: (item, expiry time).
         self.decoded = ByteLRU("decoded", config.decoded_cache_bytes, observe)
 
-    async def load(self, part: ImagePart | VideoPart, videos_in_request: int = 1) -> Image.Image | Video:
+    async def load(self, part: ImagePart | VideoPart, videos_in_request: int = 1,
+                   images: ImageBudget | None = None) -> Image.Image | Video:
         """Fetch and decode one part. Raises MediaError / MediaRefusedError / PayloadTooLargeError.
 
-        The request's videos share `max_video_decoded_bytes` equally (`videos_in_request` of them)."""
+        The request's videos share `max_video_decoded_bytes` equally (`videos_in_request` of them); its images
+        draw on one `ImageBudget` of `max_image_decoded_bytes` (a new one per call when none is given)."""
         started = time.perf_counter()
-        result = await self._load(part, max(1, videos_in_request))
+        if images is None:
+            images = ImageBudget(self.config.max_image_decoded_bytes)
+        result = await self._load(part, max(1, videos_in_request), images)
         if self._decode_seconds is not None:
             kind = "image" if isinstance(part, ImagePart) else "video"
             self._decode_seconds.observe(time.perf_counter() - started, tags={"kind": kind})
         return result
 
-    async def _load(self, part: ImagePart | VideoPart, videos_in_request: int) -> Image.Image | Video:
+    async def _load(self, part: ImagePart | VideoPart, videos_in_request: int, images: ImageBudget
+                    ) -> Image.Image | Video:
         image = isinstance(part, ImagePart)
         url = part.image_url.url if image else part.video_url.url
         if image:
@@ -82,11 +87,14 @@ class MediaLoader:
             key = await asyncio.to_thread(_content_key, options, url)
             found = self.decoded.get(key)
             if found is not None and found[1] > time.monotonic():
+                if image:
+                    images.take(*found[0].size)  # held for this request as a decoded one would be
                 return found[0]
         if image:
             data = await self._read(url, "image", self.config.max_image_bytes)
             async with self._decoding:
-                item = await asyncio.to_thread(lambda: stamp_image(decode_image(data, self.config.max_image_pixels)))
+                item = await asyncio.to_thread(lambda: stamp_image(decode_image(
+                    data, self.config.max_image_pixels, self.config.max_image_aspect_ratio, images)))
         else:
             data = await self._read(url, "video", self.config.max_video_bytes)
             async with self._decoding:
@@ -146,8 +154,25 @@ def read_local(url: str, kind: str, max_bytes: int, media_dir: str | None) -> by
         raise MediaError(f"The {kind} path cannot be read") from None
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode to RGB with EXIF orientation applied; checks the pixel count before decoding."""
+class ImageBudget:
+    """The decoded RGB bytes one request's images may still take (`max_image_decoded_bytes`)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = self.left = total
+
+    def take(self, width: int, height: int) -> None:
+        """Account for one image of this size, before it is decoded; a 400 when it does not fit."""
+        needed = width * height * 3
+        if needed > self.left:
+            raise MediaError(f"The request's images decode to more than {self.total} bytes (an image of "
+                             f"{width}x{height} needs {needed}, {max(self.left, 0)} are left): send smaller images")
+        self.left -= needed
+
+
+def decode_image(data: bytes, max_pixels: int, max_aspect_ratio: float = float("inf"),
+                 budget: ImageBudget | None = None) -> Image.Image:
+    """Decode to RGB with EXIF orientation applied; checks the pixel count, the aspect ratio and the request's
+    decoded-bytes budget before decoding."""
     try:
         image = Image.open(io.BytesIO(data))
         if image.format not in IMAGE_FORMATS:
@@ -157,6 +182,11 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             raise MediaError(
                 f"The image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
             )
+        if max(width, height) > max_aspect_ratio * max(1, min(width, height)):
+            raise MediaError(f"The image is {width}x{height}: its sides' ratio is over the limit of "
+                             f"{max_aspect_ratio:g} to 1")
+        if budget is not None:
+            budget.take(width, height)
         image.load()  # GIFs: the first frame
         image = ImageOps.exif_transpose(image)
     except Image.DecompressionBombError:  # Pillow's own cap (2x its MAX_IMAGE_PIXELS), hit at open

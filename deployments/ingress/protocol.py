@@ -33,6 +33,7 @@ from deployments.ingress.schemas import (
     UsageInfo,
     VideoPart,
 )
+from deployments.ingress.media import ImageBudget
 from deployments.ingress.tools import ToolCallDelta, ToolCallParser, parse_tool_calls
 from deployments.common.types import (
     ChatMessage, Chunk, Constraint, ContentPart, FinishReason, GenerationRequest, SamplingParams, Usage,
@@ -90,8 +91,12 @@ async def to_generation_request(
         raise BadRequestError(f"max_tokens is {request.requested_max_tokens}; this server allows at most "
                               f"{limits.max_tokens_cap}", param="max_tokens")
     _check_content_size(request, limits)
-    videos = _check_media_counts(request, limits.media)
-    load = functools.partial(load_media, videos_in_request=videos) if videos else load_media
+    videos, images = _check_media_counts(request, limits.media)
+    load = load_media
+    if videos:
+        load = functools.partial(load, videos_in_request=videos)
+    if images:  # the request's images share one budget of decoded bytes
+        load = functools.partial(load, images=ImageBudget(limits.media.max_image_decoded_bytes))
     messages = [await _message(m, load) for m in request.messages]
     if messages[-1].role == "assistant":
         raise BadRequestError("The last message must not be an assistant message", param="messages")
@@ -193,15 +198,15 @@ def _check_content_size(request: ChatCompletionRequest, limits: RouterArgs) -> N
                               param="messages")
 
 
-def _check_media_counts(request: ChatCompletionRequest, limits: MediaConfig) -> int:
-    """Raise for too many images or videos; the number of videos."""
+def _check_media_counts(request: ChatCompletionRequest, limits: MediaConfig) -> tuple[int, int]:
+    """Raise for too many images or videos; the numbers of videos and of images."""
     parts = [p for m in request.messages if isinstance(m.content, list) for p in m.content]
     for kind, part_type, limit in (("images", ImagePart, limits.max_images_per_request),
                                    ("videos", VideoPart, limits.max_videos_per_request)):
         count = sum(isinstance(p, part_type) for p in parts)
         if count > limit:
             raise BadRequestError(f"The request has {count} {kind}; the limit is {limit}", param="messages")
-    return sum(isinstance(p, VideoPart) for p in parts)
+    return sum(isinstance(p, VideoPart) for p in parts), sum(isinstance(p, ImagePart) for p in parts)
 
 
 async def _content(content, load_media: LoadMedia) -> list[ContentPart]:

@@ -25,6 +25,7 @@ from deployments.ingress import media
 from deployments.common.config import MediaConfig
 from deployments.common.errors import PayloadTooLargeError
 from deployments.ingress.media import (
+    ImageBudget,
     MediaError,
     MediaLoader,
     MediaRefusedError,
@@ -616,3 +617,27 @@ def test_a_decoded_image_carries_the_digest_of_its_pixels_whatever_its_metadata_
     decoded = decode_image(buffer.getvalue(), 10_000)
     stamped = stamp_image(decoded)
     assert stamped.info == {DIGEST_KEY: image_digest(Image.new("RGB", (8, 8), (1, 2, 3)))}
+
+
+def test_an_image_of_extreme_aspect_ratio_is_refused_before_decoding(monkeypatch):
+    loads = []
+    original_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self) or original_load(self))
+    with pytest.raises(MediaError, match="ratio is over the limit of 50 to 1"):
+        decode_image(solid_png(100_000, 9, idat=False), max_pixels=10**7, max_aspect_ratio=50)
+    assert loads == []
+    assert decode_image(solid_png(450, 9), max_pixels=10**7, max_aspect_ratio=50).size == (450, 9)
+
+
+async def test_a_requests_images_share_one_decoded_bytes_budget(monkeypatch):
+    """Small files of big flat images: the images one request holds decoded are capped before each decodes."""
+    config = MediaConfig(max_image_decoded_bytes=3 * 1000 * 1000 * 3)  # three 1000x1000 RGB images
+    loader = MediaLoader(config)
+    budget = ImageBudget(config.max_image_decoded_bytes)
+    part = ImagePart(type="image_url", image_url={"url": "data:image/png;base64," + base64.b64encode(solid_png(1000, 1000)).decode()})
+    assert len(part.image_url.url) < 32_000, "a few KB each"
+    for _ in range(3):
+        assert (await loader.load(part, images=budget)).size == (1000, 1000)  # the decoded cache counts too
+    with pytest.raises(MediaError, match="images decode to more than 9000000 bytes"):
+        await loader.load(part, images=budget)
+    assert (await loader.load(part)).size == (1000, 1000), "another request has a budget of its own"
