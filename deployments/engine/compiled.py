@@ -71,6 +71,7 @@ class CompiledForward:
         self._thread: threading.Thread | None = None
         if compile:
             _use_compile_cache()
+            _trace_once_before_threads()
             # Guards on the modules' attributes cost about 1 ms per call and protect nothing: the
             # engine never changes its model's modules.
             # `freeze`: the module's weights become constants of the graphs, which lets inductor prepack them for
@@ -147,6 +148,19 @@ def _use_compile_cache() -> None:
     skips most of the compile. An explicit TORCHINDUCTOR_CACHE_DIR wins."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minicpm-serve" / "compile"
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.environ.get(COMPILE_CACHE_ENV, str(default)))
+
+
+def _trace_once_before_threads() -> None:
+    """Inductor traces one tiny function with `torch.fx.symbolic_trace` once per process (then cached), and symbolic
+    tracing patches `torch.nn.Module.__call__` process-wide while it runs: a forward on another thread in that
+    instant fails ("module is not installed as a submodule"; seen on a replica whose eager step ran beside the
+    warm-up). Done here, on the thread building the engine, before any forward can run beside a compile."""
+    try:
+        from torch._inductor.loop_body import InterpreterShim
+
+        InterpreterShim._dummy_gm()
+    except (ImportError, AttributeError):  # another torch: nothing known to trace
+        pass
 
 
 class DecodeStep(CompiledForward):

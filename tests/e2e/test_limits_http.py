@@ -68,6 +68,7 @@ def limits(serve_url) -> Iterator[None]:
     # The session's other apps hold 3.5 of the cluster's 4 CPUs: this one asks for little.
     router = {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 2},
               "max_body_bytes": BODY_LIMIT, "media": MEDIA}
+    # compile_decode at its default (on): the one app of the suite that serves while its decode step compiles.
     model = {"checkpoint": "preset:tiny", "torch_threads": 1}
     instruct = {"model": model, "deployment": {
         "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 4,

@@ -3,10 +3,12 @@ compiled step on the real model: tests/engine/test_compiled.py)."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
-from deployments.engine.compiled import DecodeStep, SuffixForward
+from deployments.engine.compiled import CompiledForward, DecodeStep, SuffixForward
 
 
 def step_with(compiled) -> DecodeStep:
@@ -54,3 +56,16 @@ def test_the_suffix_forward_hands_its_graphs_tensors_of_their_own():
     assert [tensor.stride() for tensor in seen] == [(80, 8, 1), (35, 1), (5, 1)]
     assert torch.equal(seen[2], torch.arange(30, 35)[None]) and suffix.compiled_calls == 1
     assert suffix.covers(1, 5, 8) and not suffix.covers(1, 0, 8) and not suffix.covers(2, 5, 8)
+
+
+def test_the_process_wide_trace_inductor_caches_is_done_before_the_warm_up_thread_starts():
+    """torch.fx.symbolic_trace patches torch.nn.Module.__call__ for every thread while it runs; inductor runs it
+    once per process. Building a compiled forward does that first trace itself, so no warm-up traces it while
+    another thread runs a forward."""
+    from torch._inductor.loop_body import InterpreterShim
+
+    InterpreterShim._dummy_gm.cache_clear()
+    started = threading.Event()
+    CompiledForward(lambda x: x, True, lambda run: started.wait(5))
+    assert InterpreterShim._dummy_gm.cache_info().currsize == 1
+    started.set()
