@@ -119,10 +119,13 @@ async def test_cancelling_one_row_leaves_the_others_running(batched):
                 break  # closing the generator cancels this row
         return count
 
+    cancelled, steps = batched.core.cancelled_rows, batched.core.decode_steps
     results = await asyncio.gather(read_a_little(), *(run(batched, r) for r in rows))
     assert batched.core.batch_sizes[-1] == 3
     assert [chunks[-1].usage.completion_tokens for _, chunks in results[1:]] == [40, 40]
     await wait_until_async(lambda: batched.running == 0, what="the cancelled row to leave")
+    assert batched.core.cancelled_rows - cancelled == 1, "only the closed row left as cancelled"
+    assert batched.core.decode_steps - steps < 200, "it left long before its 2000 tokens"
 
 
 async def test_a_batch_of_one_still_streams_token_by_token(one_at_a_time):

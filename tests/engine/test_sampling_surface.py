@@ -99,12 +99,15 @@ async def test_n_above_the_batch_size_is_a_bad_request(engine):
 
 
 async def test_cancelling_an_n_request_stops_every_sequence(engine):
+    cancelled, steps = engine.core.cancelled_rows, engine.core.decode_steps
     stream = engine.stream(ask(max_tokens=400, min_tokens=400, n=4))
     async for chunk in stream:
         if chunk.content:
             break
     await stream.aclose()
     await wait_until_async(lambda: engine.running == 0, what="every sequence to stop")
+    assert engine.core.cancelled_rows - cancelled == 4, "each of the four rows left as cancelled"
+    assert engine.core.decode_steps - steps < 200, "they left long before their 400 tokens"
 
 
 # ---------------------------------------------------------------------------- logprobs
