@@ -10,3 +10,11 @@ are tested by the closeness of logits (tests/engine/test_bf16.py), under both ki
 """
 
 EXACT_DTYPE = "float32"
+
+
+def EagerConfig(**settings):  # noqa: N802 - stands in for ModelConfig in the engine tier's fixtures
+    """ModelConfig with eager decode steps: `compile_decode` is on by default, and a background compile per
+    test engine would cost the suite minutes of CPU (tests/engine/test_compiled.py tests the compiled step)."""
+    from deployments.common.config import ModelConfig
+
+    return ModelConfig(**{"compile_decode": False, **settings})

@@ -8,6 +8,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from deployments.common.errors import MediaError
+
 FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 Variant = Literal["instruct", "thinking"]
 
@@ -158,3 +160,18 @@ class Chunk:
     usage: Usage | None = None
     index: int = 0
     logprobs: list[TokenLogprob] | None = None
+
+
+class ImageBudget:
+    """The decoded RGB bytes one request's images may still take (`max_image_decoded_bytes`)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = self.left = total
+
+    def take(self, width: int, height: int) -> None:
+        """Account for one image of this size, before it is decoded; a 400 when it does not fit."""
+        needed = width * height * 3
+        if needed > self.left:
+            raise MediaError(f"The request's images decode to more than {self.total} bytes (an image of "
+                             f"{width}x{height} needs {needed}, {max(self.left, 0)} are left): send smaller images")
+        self.left -= needed

@@ -116,7 +116,8 @@ class Engine:
         cache), and whether its decode steps and resumed prefills run compiled."""
         core, config = self.core, self.config
         forwards = core.runner.stats(config.compile_decode, config.compile_resumed_prefill)
-        stats = {"running": core.running, "torch_threads": torch.get_num_threads(), "batch_sizes": list(core.batch_sizes), "cancel_lags": list(core.cancel_lags),
+        stats = {"running": core.running, "torch_threads": torch.get_num_threads(),
+                 "batch_sizes": list(core.batch_sizes), "cancel_lags": list(core.cancel_lags),
                  "cancelled_rows": core.cancelled_rows,
                  "prefix_cache": {**cache_state(core.prefix_cache), "answers_carried": core.answers_carried},
                  "vision_cache": cache_state(core.vision_cache),

@@ -33,7 +33,7 @@ from deployments.common.digest import stamp_image, stamp_video
 from deployments.common.errors import MediaError, MediaRefusedError, PayloadTooLargeError
 from deployments.common.lru import ByteLRU, CacheObserver, ignore_cache_event
 from deployments.ingress.schemas import ImagePart, VideoPart
-from deployments.common.types import Video, media_nbytes
+from deployments.common.types import ImageBudget, Video, media_nbytes
 from deployments.ingress.video import VideoDecoder, decode_video  # noqa: F401 (decode_video: part of this module's API)
 
 if TYPE_CHECKING:
@@ -152,21 +152,6 @@ def read_local(url: str, kind: str, max_bytes: int, media_dir: str | None) -> by
         return path.read_bytes()
     except (OSError, ValueError):  # a NUL byte, a name too long, unreadable...
         raise MediaError(f"The {kind} path cannot be read") from None
-
-
-class ImageBudget:
-    """The decoded RGB bytes one request's images may still take (`max_image_decoded_bytes`)."""
-
-    def __init__(self, total: int) -> None:
-        self.total = self.left = total
-
-    def take(self, width: int, height: int) -> None:
-        """Account for one image of this size, before it is decoded; a 400 when it does not fit."""
-        needed = width * height * 3
-        if needed > self.left:
-            raise MediaError(f"The request's images decode to more than {self.total} bytes (an image of "
-                             f"{width}x{height} needs {needed}, {max(self.left, 0)} are left): send smaller images")
-        self.left -= needed
 
 
 def decode_image(data: bytes, max_pixels: int, max_aspect_ratio: float = float("inf"),

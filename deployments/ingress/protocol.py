@@ -33,14 +33,13 @@ from deployments.ingress.schemas import (
     UsageInfo,
     VideoPart,
 )
-from deployments.ingress.media import ImageBudget
 from deployments.ingress.tools import ToolCallDelta, ToolCallParser, parse_tool_calls
 from deployments.common.types import (
-    ChatMessage, Chunk, Constraint, ContentPart, FinishReason, GenerationRequest, SamplingParams, Usage,
+    ChatMessage, Chunk, Constraint, ContentPart, FinishReason, GenerationRequest, ImageBudget, SamplingParams, Usage,
 )
 
 # Fetches and decodes the media of one image_url / video_url part; takes `videos_in_request=` (the
-# request's videos share one decoded-bytes budget).
+# request's videos share one decoded-bytes budget) and `images=` (an ImageBudget its images share).
 LoadMedia = Callable[..., Awaitable[ContentPart]]
 
 

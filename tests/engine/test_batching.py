@@ -9,31 +9,30 @@ import dataclasses
 import pytest
 from PIL import Image
 
-from deployments.common.config import ModelConfig
 from deployments.engine.engine import Engine
 from deployments.engine.rows import Row
 from deployments.engine.sampling import RowSampling
 from deployments.common.types import ChatMessage, GenerationRequest, SamplingParams
-from tests.kinds import EXACT_DTYPE  # these tests compare tokens exactly
+from tests.kinds import EXACT_DTYPE, EagerConfig  # these tests compare tokens exactly
 from tests.waiting import wait_until_async
 
 
 @pytest.fixture(scope="module")
 def batched(tiny_checkpoints) -> Engine:
     # A long wait makes requests submitted together land in one batch, deterministically.
-    return Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]),
+    return Engine(EagerConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]),
                               dtype=EXACT_DTYPE, max_batch_size=8, batch_wait_ms=300))
 
 
 @pytest.fixture(scope="module")
 def static(tiny_checkpoints) -> Engine:
-    return Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]),
+    return Engine(EagerConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]),
                               dtype=EXACT_DTYPE, max_batch_size=8, batch_wait_ms=300, continuous_batching=False))
 
 
 @pytest.fixture(scope="module")
 def one_at_a_time(tiny_checkpoints) -> Engine:
-    return Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), dtype=EXACT_DTYPE,
+    return Engine(EagerConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), dtype=EXACT_DTYPE,
                               max_batch_size=1))
 
 

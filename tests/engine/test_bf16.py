@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from deployments.engine.checkpoint import CPU_BF16_ENV, RowAdaptiveLinear, cpu_kind
-from deployments.common.config import ModelConfig
 from deployments.engine.engine import Engine
 from deployments.common.types import ChatMessage, GenerationRequest, SamplingParams
+from tests.kinds import EagerConfig
 
 pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
@@ -81,11 +81,11 @@ def cpu(request, monkeypatch) -> str:
 def bf16_engine(checkpoint, cpu: str, **settings) -> Engine:
     # On a native kind `auto` is bf16 already; on an emulated one bf16 must be asked for.
     dtype = "auto" if cpu == "native" else "bfloat16"
-    return Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(checkpoint), torch_threads=1, dtype=dtype, **settings))
+    return Engine(EagerConfig(variant="instruct", checkpoint=str(checkpoint), torch_threads=1, dtype=dtype, **settings))
 
 
 def test_auto_resolves_to_bf16_only_where_the_cpu_is_taken_for_native(tiny_checkpoints, cpu):
-    engine = Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), torch_threads=1))
+    engine = Engine(EagerConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), torch_threads=1))
     assert engine.model.dtype == (torch.bfloat16 if cpu == "native" else torch.float32)
     assert not any(isinstance(m, RowAdaptiveLinear) for m in engine.model.modules())
 

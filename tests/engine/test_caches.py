@@ -13,11 +13,10 @@ from PIL import Image
 from transformers.cache_utils import DynamicCache
 
 from deployments.engine import reuse
-from deployments.common.config import ModelConfig
 from deployments.common.digest import stamp_video
 from deployments.engine.engine import Engine
 from deployments.common.types import ChatMessage, GenerationRequest, SamplingParams, Video
-from tests.kinds import EXACT_DTYPE  # greedy output with caches must equal output without
+from tests.kinds import EXACT_DTYPE, EagerConfig  # greedy output with caches must equal output without
 from tests.waiting import wait_until_async
 
 
@@ -25,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 def engine(checkpoints, variant: str = "instruct", **settings) -> Engine:
-    return Engine(ModelConfig(compile_decode=False, variant=variant, checkpoint=str(checkpoints[variant]), torch_threads=1,
+    return Engine(EagerConfig(variant=variant, checkpoint=str(checkpoints[variant]), torch_threads=1,
                               **{"dtype": EXACT_DTYPE, **settings}))
 
 

@@ -26,6 +26,7 @@ from deployments.engine.engine import Engine
 from deployments.engine.slots import SlotCache
 from deployments.engine.tower import TextTower
 from deployments.common.types import ChatMessage, GenerationRequest, SamplingParams
+from tests.kinds import EagerConfig
 from tests.waiting import wait_until_async
 
 # Inductor compiles C++ on a CPU: without a compiler these tests say so instead of failing deep inside
@@ -140,7 +141,8 @@ async def test_a_compiled_engine_serves_while_compiling_then_runs_every_step_com
                                 dtype="float32", max_batch_size=4, compile_decode=True))
     # While the graphs are built, requests decode eagerly.
     assert await count_tokens(engine, request("Hello", 8)) == [8]
-    assert await asyncio.to_thread(engine.core.runner.step.wait_compiled, COMPILE_TIMEOUT_S), engine.core.runner.step.error
+    step = engine.core.runner.step
+    assert await asyncio.to_thread(step.wait_compiled, COMPILE_TIMEOUT_S), step.error
     eager_steps = engine.core.decode_steps - engine.core.runner.step.compiled_steps
     # Rows join and leave at different lengths, two share a prompt, one grows the cache past its first
     # 256 columns, one samples with a penalty and a seed.
@@ -158,7 +160,7 @@ def suffix_engine(tiny_checkpoints):
     """An engine whose resumed prefills run compiled (its prefix cache on, as by default), graphs built."""
     torch.set_num_threads(1)
     graphs = counters["stats"]["unique_graphs"]
-    engine = Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), torch_threads=1,
+    engine = Engine(EagerConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), torch_threads=1,
                                 dtype="float32", compile_resumed_prefill=True))
     assert engine.core.runner.suffix.wait_compiled(COMPILE_TIMEOUT_S), engine.core.runner.suffix.error
     # One graph per linear-attention chunk size: traced through the engine's StateTaps, which picks the chunk.

@@ -10,12 +10,11 @@ import json
 import jsonschema
 import pytest
 
-from deployments.common.config import ModelConfig
 from deployments.engine.engine import Engine
 from deployments.common.errors import BadRequestError
 from deployments.ingress.tools import parse_tool_calls
 from deployments.common.types import ChatMessage, Chunk, Constraint, GenerationRequest, SamplingParams
-from tests.kinds import EXACT_DTYPE  # constrained rows are compared with unconstrained ones token by token
+from tests.kinds import EXACT_DTYPE, EagerConfig  # constrained rows are compared with unconstrained ones token by token
 
 ANSWER = {
     "type": "object",
@@ -39,7 +38,7 @@ TIME = {"name": "get_time", "parameters": {"type": "object", "properties": {"zon
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoints) -> Engine:
-    return Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), max_batch_size=8,
+    return Engine(EagerConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), max_batch_size=8,
                               batch_wait_ms=200, torch_threads=1, dtype=EXACT_DTYPE))
 
 

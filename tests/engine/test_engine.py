@@ -19,12 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from deployments.engine.checkpoint import RowAdaptiveLinear, cpu_has_native_bf16
 from deployments.common.config import ModelConfig
+from deployments.engine.checkpoint import RowAdaptiveLinear, cpu_has_native_bf16
 from deployments.engine.engine import Engine
 from deployments.common.errors import CheckpointError, ContextLengthError
 from deployments.common.types import ChatMessage, Chunk, GenerationRequest, SamplingParams, Video
-from tests.kinds import EXACT_DTYPE  # streamed text is compared with generate's exactly
+from tests.kinds import EXACT_DTYPE, EagerConfig  # streamed text is compared with generate's exactly
 from tests.waiting import wait_until_async
 
 # ---------------------------------------------------------------------------- fixtures and helpers
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 def engine_config(checkpoint, variant: str = "instruct", **overrides) -> ModelConfig:
-    return ModelConfig(compile_decode=False, variant=variant, checkpoint=str(checkpoint), torch_threads=THREADS,
+    return EagerConfig(variant=variant, checkpoint=str(checkpoint), torch_threads=THREADS,
                        **{"dtype": EXACT_DTYPE, **overrides})
 
 
@@ -441,18 +441,18 @@ async def test_checkpoint_without_image_token_ids_is_repaired(tiny_checkpoints, 
 def test_missing_checkpoint_directory_is_a_checkpoint_error(tmp_path):
     missing = tmp_path / "no-such-checkpoint"
     with pytest.raises(CheckpointError, match="does not exist") as error:
-        Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(missing)))
+        Engine(EagerConfig(variant="instruct", checkpoint=str(missing)))
     assert str(missing) in str(error.value)
 
 
 def test_unknown_preset_is_a_checkpoint_error():
     with pytest.raises(CheckpointError, match="Unknown preset 'nope'") as error:
-        Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint="preset:nope"))
+        Engine(EagerConfig(variant="instruct", checkpoint="preset:nope"))
     assert "tiny" in str(error.value), "the message should list the presets that exist"
 
 
 async def test_a_request_over_max_generation_s_ends_with_length(tiny_checkpoints):
-    engine = Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]),
+    engine = Engine(EagerConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]),
                                 max_generation_s=0.3, torch_threads=1))
     request = GenerationRequest([ChatMessage("user", ["long"])], enable_thinking=False,
                                 sampling=SamplingParams(max_tokens=3000, min_tokens=3000))
@@ -463,7 +463,7 @@ async def test_a_request_over_max_generation_s_ends_with_length(tiny_checkpoints
 
 
 async def test_health_check_generates_when_idle_and_passes(tiny_checkpoints):
-    engine = Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), torch_threads=1))
+    engine = Engine(EagerConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), torch_threads=1))
     before = engine.core.batch_sizes.copy()
     await engine.check_health()
     assert engine.core.batch_sizes == [*before, 1], "the idle check ran a real one-token generation"

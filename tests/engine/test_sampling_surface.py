@@ -8,17 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from deployments.common.config import ModelConfig
 from deployments.engine.engine import Engine
 from deployments.common.errors import BadRequestError
 from deployments.common.types import ChatMessage, Chunk, GenerationRequest, SamplingParams
-from tests.kinds import EXACT_DTYPE  # n greedy sequences are compared with one exactly
+from tests.kinds import EXACT_DTYPE, EagerConfig  # n greedy sequences are compared with one exactly
 from tests.waiting import wait_until_async
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoints) -> Engine:
-    return Engine(ModelConfig(compile_decode=False, variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), max_batch_size=8,
+    return Engine(EagerConfig(variant="instruct", checkpoint=str(tiny_checkpoints["instruct"]), max_batch_size=8,
                               torch_threads=1, dtype=EXACT_DTYPE))
 
 

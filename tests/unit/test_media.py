@@ -24,8 +24,8 @@ from PIL import Image, ImageFile
 from deployments.ingress import media
 from deployments.common.config import MediaConfig
 from deployments.common.errors import PayloadTooLargeError
+from deployments.common.types import ImageBudget
 from deployments.ingress.media import (
-    ImageBudget,
     MediaError,
     MediaLoader,
     MediaRefusedError,
@@ -634,7 +634,8 @@ async def test_a_requests_images_share_one_decoded_bytes_budget(monkeypatch):
     config = MediaConfig(max_image_decoded_bytes=3 * 1000 * 1000 * 3)  # three 1000x1000 RGB images
     loader = MediaLoader(config)
     budget = ImageBudget(config.max_image_decoded_bytes)
-    part = ImagePart(type="image_url", image_url={"url": "data:image/png;base64," + base64.b64encode(solid_png(1000, 1000)).decode()})
+    url = "data:image/png;base64," + base64.b64encode(solid_png(1000, 1000)).decode()
+    part = ImagePart(type="image_url", image_url={"url": url})
     assert len(part.image_url.url) < 32_000, "a few KB each"
     for _ in range(3):
         assert (await loader.load(part, images=budget)).size == (1000, 1000)  # the decoded cache counts too
