@@ -4,12 +4,13 @@ The core decides what runs (which prompts are prefilled, which rows decode, whic
 holds) and samples; the runner runs it on the model and owns what the model's forwards need: the
 slot cache of the running rows, their next input ids, the prompt forwards' caches, the vision tower
 and its cache, the prefix snapshots taken inside forwards, and the compiled graphs. The core never
-touches the model, so another runner (the model's own text tower written for the engine) can take
-this one's place without the core knowing how a step runs.
+touches the model, so another runner can take this one's place without the core knowing how a
+step runs.
 
-`TransformersRunner` runs the checkpoint's transformers modules: the text tower's own forward over
-the engine's `SlotCache` for decode steps (eager, or compiled: `deployments/engine/compiled.py`), and
-over a `DynamicCache` for prompts, chunk by chunk (`deployments/engine/prefill.py`).
+`TransformersRunner` runs prompts through the checkpoint's transformers modules, over a `DynamicCache`,
+chunk by chunk (`deployments/engine/prefill.py`), and decode steps over the engine's `SlotCache` through
+the engine's own text tower (`deployments/engine/tower.py`, `decode_path: engine`) or transformers'
+(`transformers`), eager or compiled (`deployments/engine/compiled.py`).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class ModelRunner(Protocol):
 
 
 class TransformersRunner:
-    """Runs the checkpoint's own transformers modules: the vision tower and the text tower."""
+    """Prompts through the checkpoint's own transformers modules (vision tower, text tower), decode steps through
+    the engine's tower or those modules."""
 
     def __init__(self, model, max_rows: int, max_len: int, pad_token_id: int, prefill_tokens: int,
                  prefix_cache: PrefixCache, vision_cache: VisionCache, compile_decode: bool = False,
