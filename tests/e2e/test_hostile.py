@@ -16,7 +16,7 @@ from PIL import Image, PngImagePlugin
 import httpx
 
 from tests.e2e.conftest import SECURE_KEY, SINGLE_APP, one_cancellation, running_generations
-from tests.e2e.test_service import CHAT, HELLO, LONG, _Reader
+from tests.e2e.test_service import CHAT, HELLO, LONG, _Reader, release
 from tests.waiting import wait_until
 
 KEY = {"Authorization": f"Bearer {SECURE_KEY}"}
@@ -237,10 +237,7 @@ def test_a_client_that_leaves_before_its_first_token_is_dropped_from_the_queue_a
         assert answer.status_code == 200, answer.text
         assert running_generations(SINGLE_APP, "instruct") == 3, "the left request did not take the slot"
     finally:
-        for reader in readers:
-            reader.leave.set()
-        for reader in readers:
-            reader.join(timeout=60)
+        release(readers)
     wait_until(lambda: running_generations(SINGLE_APP, "instruct") == 0, what="the replica to stop generating")
 
 

@@ -251,6 +251,14 @@ class _Reader(threading.Thread):
             self.error = repr(exc)
 
 
+def release(readers: list[_Reader]) -> None:
+    """Every reader leaves its stream (all told first, then each awaited)."""
+    for reader in readers:
+        reader.leave.set()
+    for reader in readers:
+        reader.join(timeout=60)
+
+
 def test_cancelling_one_row_of_a_batch_leaves_the_other_rows_generating(serve_url):
     """Three 3000-token streams batched together; one leaves: exactly its row is cancelled, and the two others
     keep receiving tokens afterwards (then they leave too, so three rows are cancelled in all)."""
@@ -271,10 +279,7 @@ def test_cancelling_one_row_of_a_batch_leaves_the_other_rows_generating(serve_ur
                    what="the other rows to keep generating after the cancellation")
         assert running_generations(FULL_APP, "instruct") == 2 and not any(r.error for r in readers)
     finally:
-        for reader in readers:
-            reader.leave.set()
-        for reader in readers:
-            reader.join(timeout=60)
+        release(readers)
     wait_until(lambda: running_generations(FULL_APP, "instruct") == 0, what="the replica to stop generating")
     assert process_info(FULL_APP, "instruct")["cancelled_rows"] == before + 3
 
